@@ -1,0 +1,249 @@
+"""Typed configuration: dataclass schemas, YAML groups under conf/, `key=value` overrides.
+
+`load_config(argv)` composes conf/config.yaml with one YAML file per group (`algo=grpo` picks
+conf/algo/grpo.yaml), applies dotted overrides (`trainer.iterations=3`), validates everything
+against the schemas below and returns a read-only OmegaConf object. Every mistake a user can make
+here stops with a `ConfigError` whose message is one sentence naming the key and the valid values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("algo", "model", "env", "cluster")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a one-sentence message saying how to fix it."""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "ppo"  # ppo (GAE + critic) or grpo (group-normalised returns, no critic)
+    advantage: str = "gae"  # advantage estimator: gae | grpo
+    gamma: float = 0.99  # discount
+    lam: float = 0.95  # GAE lambda
+    group_size: int = 1  # rollouts per (task, init state); GRPO needs >= 2
+    group_filter: bool = False  # drop GRPO groups whose mean success is outside [filter_low, filter_high]
+    filter_low: float = 0.1  # lower bound of the kept group mean success
+    filter_high: float = 0.9  # upper bound of the kept group mean success
+    clip_low: float = 0.2  # PPO ratio clip below 1
+    clip_high: float = 0.28  # PPO ratio clip above 1 (asymmetric, SimpleVLA-RL)
+    vf_clip: float = 0.2  # clipped value loss range
+    vf_coef: float = 0.5  # weight of the value loss in the total loss
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    epochs: int = 4  # PPO epochs over each batch
+    minibatch_size: int = 256  # action steps per gradient step (global, split over learner ranks)
+    actor_lr: float = 3e-4  # learning rate of the policy parameters
+    critic_lr: float = 1e-3  # learning rate of the value head
+    max_grad_norm: float = 1.0  # global gradient-norm clip
+    critic_warmup_iters: int = 0  # first iterations train only the value head (VLA-RL uses 5)
+    normalize_advantages: bool = True  # whiten advantages over the batch
+    tis_cap: float = 0.0  # truncated importance sampling cap on rollout/learner mismatch; 0 = off
+
+
+@dataclass
+class TinyModelConfig:
+    vision_hidden: int = 64  # vision encoder width
+    vision_layers: int = 2  # vision encoder depth
+    patch_size: int = 4  # vision patch side in pixels
+    hidden: int = 128  # decoder width
+    layers: int = 2  # decoder depth
+    heads: int = 4  # decoder attention heads
+    intermediate: int = 256  # decoder MLP width
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_token"  # model family preset
+    path: Optional[str] = None  # a saved model folder; null builds the tiny configuration from `tiny`
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes when building from config
+    use_proprio: bool = True  # add one prefix token projected from the proprio vector
+    lora_rank: int = 0  # LoRA rank on the decoder's attention and MLP; 0 trains all weights
+    lora_alpha: int = 16  # LoRA scaling numerator
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+
+
+@dataclass
+class EnvConfig:
+    name: str = "toy"  # toy | libero_spatial | libero_object | libero_goal | libero_10 | libero_90
+    num_tasks: int = 4  # toy: number of target colours (one task each)
+    num_blocks: int = 3  # toy: blocks per episode
+    grid: int = 8  # toy: board cells per side
+    image_size: int = 32  # image side fed to the model
+    max_steps: int = 10  # episode step limit (truncation)
+    max_move: float = 0.25  # toy: effector displacement per step at |action| = 1
+    success_radius: float = 0.09  # toy: distance that counts as reaching a block
+    num_init_states: int = 50  # init states per task
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local_cpu"  # cluster preset
+    address: Optional[str] = None  # Ray address; null starts (or joins, under ray job submit) a local cluster
+    device: str = "cpu"  # cpu | cuda
+    num_rollout_workers: int = 1  # RolloutWorker actors
+    num_learners: int = 1  # FSDP ranks in the learner group
+    cpus_per_rollout_worker: float = 1.0  # Ray CPUs reserved per rollout worker
+    cpus_per_learner: float = 1.0  # Ray CPUs reserved per learner rank
+    torch_threads: int = 1  # intra-op threads in each actor (2-core boxes oversubscribe quickly)
+    dashboard: bool = True  # start the Ray dashboard with a local cluster (http://127.0.0.1:8265)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # inference engine: hf | vllm
+    num_envs: int = 64  # episodes collected per iteration (all workers together)
+    temperature: float = 1.0  # sampling temperature of action tokens
+    eval_episodes: int = 64  # greedy episodes for eval/success_rate
+    eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
+
+
+@dataclass
+class TrainerConfig:
+    iterations: int = 2  # training iterations (collect, advantages, update, sync, checkpoint, log)
+    run_dir: str = "runs/default"  # where checkpoints, metrics.jsonl and TensorBoard files go
+    seed: int = 0  # seeds envs, sampling, minibatch order and curriculum
+    save_every: int = 1  # checkpoint every N iterations
+    keep_last: int = 2  # periodic checkpoints kept
+    resume: bool = True  # continue from run_dir's latest checkpoint when there is one
+    bc_warmup_steps: int = 0  # behaviour-cloning steps on scripted demos before RL (toy only)
+    bc_episodes: int = 256  # scripted demonstration episodes for the warm start
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "vlarl"  # W&B project
+    curriculum_floor: float = 0.02  # minimum sampling probability of any task
+    curriculum_alpha: float = 0.9  # EMA factor of per-task success
+
+
+@dataclass
+class Config:
+    defaults: list = field(default_factory=list)  # group choices (consumed when composing)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {  # closed vocabularies checked after composition
+    "algo.name": ("ppo", "grpo"),
+    "algo.advantage": ("gae", "grpo"),
+    "model.dtype": ("float32", "bfloat16"),
+    "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
+    "cluster.device": ("cpu", "cuda"),
+    "rollout.engine": ("hf", "vllm"),
+}
+POSITIVE = ("trainer.iterations", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
+            "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
+            "env.max_steps", "env.image_size", "rollout.temperature", "trainer.save_every")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _yaml(path: Path) -> DictConfig:
+    return OmegaConf.load(path)
+
+
+def load_config(argv: list[str]) -> DictConfig:
+    """Compose conf/ with `group=option` and `dotted.key=value` arguments and validate."""
+    base = _yaml(CONF_DIR / "config.yaml")
+    choices = {}
+    for item in base.get("defaults", []):
+        choices.update(dict(item))
+    dotted = []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form key=value; see --help.")
+        key, value = arg.split("=", 1)
+        if key in GROUPS:
+            if value not in group_options(key):
+                raise ConfigError(f"{key}={value} is unknown; choose one of {', '.join(group_options(key))}.")
+            choices[key] = value
+        else:
+            dotted.append((key, value))
+    cfg = OmegaConf.structured(Config)
+    try:
+        for group in GROUPS:
+            cfg = OmegaConf.merge(cfg, {group: _yaml(CONF_DIR / group / f"{choices[group]}.yaml")})
+        cfg = OmegaConf.merge(cfg, {k: v for k, v in base.items() if k != "defaults"})
+        cfg.defaults = [{g: choices[g]} for g in GROUPS]
+        for key, value in dotted:
+            _set(cfg, key, value)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _set(cfg: DictConfig, key: str, value: str) -> None:
+    """Apply one dotted override; values are parsed like YAML (3 -> int, null -> None)."""
+    cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
+
+
+def _keys(section: str) -> list[str]:
+    node: Any = Config()
+    for part in filter(None, section.split(".")):
+        node = getattr(node, part, None)
+    return [f.name for f in fields(node)] if is_dataclass(node) else [f.name for f in fields(Config)]
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0]
+    if "not in struct" in msg.lower() or "key" in type(e).__name__.lower():
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        return f"unknown option {key!r}; valid keys{' in ' + section if section else ''}: {', '.join(_keys(section))}."
+    return f"bad value for {key!r}: {msg}; see --help for the expected type."
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value} is not valid; choose one of {', '.join(allowed)}.")
+    for key in POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
+    if cfg.algo.advantage == "grpo" and cfg.algo.group_size < 2:
+        raise ConfigError("GRPO needs algo.group_size >= 2 rollouts per task; set algo.group_size=8, for example.")
+    if cfg.rollout.num_envs % (cfg.algo.group_size * cfg.cluster.num_rollout_workers):
+        raise ConfigError(
+            f"rollout.num_envs ({cfg.rollout.num_envs}) must be a multiple of algo.group_size x "
+            f"cluster.num_rollout_workers ({cfg.algo.group_size} x {cfg.cluster.num_rollout_workers}).")
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.model.path} is not a saved model folder (no config.json there); "
+                          "point it at a folder written by vlarl or leave it null to build the tiny model.")
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine=vllm is not available in this build yet; use rollout.engine=hf.")
+    if cfg.env.name != "toy":
+        raise ConfigError(f"env={cfg.env.name} is not available in this build yet; use env=toy.")
+
+
+def help_text() -> str:
+    lines = ["usage: python -m vlarl.main [group=option ...] [key=value ...]", "", "groups:"]
+    for g in GROUPS:
+        lines.append(f"  {g}={{{','.join(group_options(g))}}}")
+    lines += ["", "options (defaults shown for the default groups):"]
+    cfg = load_config([])
+    for section in ("trainer", "rollout", "algo", "model", "env", "cluster"):
+        for key, value in _flatten(OmegaConf.to_container(cfg[section]), section):
+            lines.append(f"  {key}={value}")
+    return "\n".join(lines)
+
+
+def _flatten(d: dict, prefix: str):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}.{k}")
+        else:
+            yield f"{prefix}.{k}", "null" if v is None else v

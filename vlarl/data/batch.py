@@ -1,0 +1,81 @@
+"""The one record that travels between actors: a batch of whole episodes.
+
+Episodes are rows; steps are columns up to the longest episode (T). Observation arrays have one
+more column than actions: column t is the observation the action at t was taken from, and the
+column after an episode's last step holds the observation that followed it (used to bootstrap a
+truncated episode's value). Arrays are numpy so they travel through Ray's object store zero-copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+@dataclass
+class TrajectoryBatch:
+    images: np.ndarray  # (N, T+1, H, W, 3) uint8
+    proprio: np.ndarray  # (N, T+1, P) float32
+    instructions: list  # (N,) str, one instruction per episode
+    task_ids: np.ndarray  # (N,) int64
+    init_state_ids: np.ndarray  # (N,) int64
+    group_ids: np.ndarray  # (N,) int64: episodes of one (task, init state) group share an id
+    action_tokens: np.ndarray  # (N, T, D) int64 token ids
+    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine
+    rewards: np.ndarray  # (N, T) float32
+    mask: np.ndarray  # (N, T) bool: step t is part of the episode
+    dones: np.ndarray  # (N, T) bool: last step of the episode (terminated or truncated)
+    terminated: np.ndarray  # (N, T) bool: last step and ended by the task (no bootstrap)
+    success: np.ndarray  # (N,) bool
+    weights_version: int = 0  # version of the weights that generated the batch
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.task_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) steps per episode"""
+        return self.mask.sum(1)
+
+    @property
+    def episode_returns(self) -> np.ndarray:
+        """(N,) undiscounted return"""
+        return (self.rewards * self.mask).sum(1)
+
+    @classmethod
+    def concat(cls, batches: list["TrajectoryBatch"], group_offset: bool = True) -> "TrajectoryBatch":
+        """Join batches along episodes, padding the step axis to the longest."""
+        t_max = max(b.mask.shape[1] for b in batches)
+        out, next_group = {}, 0
+        parts: dict[str, list] = {f.name: [] for f in fields(cls)}
+        for b in batches:
+            pad = t_max - b.mask.shape[1]
+            for f in fields(cls):
+                v = getattr(b, f.name)
+                if f.name in ("weights_version", "instructions"):
+                    parts[f.name].append(v)
+                    continue
+                if f.name == "group_ids" and group_offset:
+                    v = v - v.min() + next_group
+                    next_group = int(v.max()) + 1
+                if v.ndim >= 2 and pad:
+                    v = np.concatenate([v, np.zeros((v.shape[0], pad, *v.shape[2:]), v.dtype)], 1)
+                parts[f.name].append(v)
+        for name, vs in parts.items():
+            if name == "weights_version":
+                out[name] = min(vs)
+            elif name == "instructions":
+                out[name] = [s for v in vs for s in v]
+            else:
+                out[name] = np.concatenate(vs, 0)
+        return cls(**out)
+
+    def flat_steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (episode, step) of every real step, in row-major order: (S,), (S,)"""
+        return np.nonzero(self.mask)
+
+    def last_obs_steps(self) -> np.ndarray:
+        """(N,) column of the observation after each episode's last step"""
+        return self.lengths

@@ -1,0 +1,30 @@
+"""Entry point: `python -m vlarl.main [group=option ...] [key=value ...]` (also under `ray job submit`)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from vlarl.config import ConfigError, help_text, load_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"vlarl: config error: {e}", file=sys.stderr)
+        return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from vlarl.trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

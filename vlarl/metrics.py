@@ -1,0 +1,87 @@
+"""Metrics sinks: a one-line console progress report, metrics.jsonl, TensorBoard and (optionally) wandb."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Timer:
+    """Accumulates wall time per phase: `with timer("collect"): ...` -> metrics timing/collect."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"timing/{name}"] = self.times.get(f"timing/{name}", 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = self.times, {}
+        return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, config: dict, total_iterations: int, use_wandb: bool = False,
+                 wandb_project: str = "vlarl", stream=sys.stdout):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.total = total_iterations
+        self.stream = stream
+        self.started = time.time()
+        self.first_iteration: int | None = None
+        self.wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("trainer.wandb=true needs the wandb package: pip install 'vlarl[wandb]'.") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(self.run_dir))
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Write one iteration's metrics everywhere and print the progress line."""
+        record = {"iteration": iteration, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, iteration)
+        self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=iteration)
+        self.stream.write(self.progress_line(iteration, metrics) + "\n")
+        self.stream.flush()
+
+    def progress_line(self, iteration: int, m: dict[str, float]) -> str:
+        if self.first_iteration is None:
+            self.first_iteration = iteration
+        done = iteration - self.first_iteration + 1
+        per_it = (time.time() - self.started) / max(done, 1)
+        eta = per_it * (self.total - iteration - 1)
+        parts = [f"[iter {iteration + 1}/{self.total}]",
+                 f"success {m.get('rollout/success_rate', float('nan')):.2f}",
+                 f"return {m.get('rollout/return', float('nan')):.2f}"]
+        if "eval/success_rate" in m:
+            parts.append(f"eval {m['eval/success_rate']:.2f}")
+        parts += [f"{m.get('perf/env_steps_per_s', 0.0):.0f} steps/s", f"{per_it:.1f} s/it",
+                  f"ETA {time.strftime('%H:%M:%S', time.gmtime(max(eta, 0)))}"]
+        return "  ".join(parts)
+
+    def info(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,214 @@
+"""The single controller: one loop that reads top to bottom.
+
+Each iteration: the curriculum picks (task, init state) groups, rollout workers collect episodes,
+the learner group scores them and runs PPO epochs, rank 0 pushes the new weights to every rollout
+worker (version += 1), the curriculum hears the results, the checkpoint actor saves, and the
+metrics go to the console, metrics.jsonl, TensorBoard and wandb.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from vlarl.data.batch import TrajectoryBatch
+from vlarl.metrics import MetricsLogger, Timer
+from vlarl.workers.checkpoint import CheckpointActor
+from vlarl.workers.curriculum import CurriculumManager
+from vlarl.workers.learner import LearnerWorker
+from vlarl.workers.rollout import RolloutWorker
+
+
+@dataclass
+class Workers:
+    rollout: list  # RolloutWorker actor handles
+    learners: list  # LearnerWorker actor handles, rank order
+    curriculum: object  # CurriculumManager actor handle
+    checkpoint: object  # CheckpointActor actor handle
+    num_params: int  # parameters of the policy
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run `cfg.trainer.iterations` iterations (resuming from run_dir when possible); returns the last metrics."""
+    run_dir = Path(cfg.trainer.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    model_folder = prepare_model(cfg, run_dir)
+    w = start_workers(cfg, model_folder, run_dir)
+    logger = MetricsLogger(run_dir, OmegaConf.to_container(cfg), cfg.trainer.iterations, cfg.trainer.wandb,
+                           cfg.trainer.wandb_project)
+    start, version, env_steps = resume(cfg, w, logger)
+    if start == 0 and cfg.trainer.bc_warmup_steps > 0:
+        logger.log(-1, warm_start(cfg, w))
+    version = push_weights(w, version + 1)
+    timer, metrics = Timer(), {}
+    logger.info(f"vlarl: {w.num_params:,} parameters, {len(w.rollout)} rollout worker(s), "
+                f"{len(w.learners)} learner rank(s); run dir {run_dir}")
+    for it in range(start, cfg.trainer.iterations):
+        with timer("collect"):
+            batch = collect(cfg, w, it)
+        with timer("update"):
+            metrics = mean_over_ranks(ray.get([l.update.remote(batch, it) for l in w.learners]))
+        with timer("sync"):
+            version = push_weights(w, version + 1)
+        w.curriculum.report.remote(batch.task_ids.tolist(), batch.success.astype(float).tolist())
+        if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
+            with timer("eval"):
+                metrics["eval/success_rate"] = evaluate(cfg, w, it)
+        env_steps += int(batch.lengths.sum())
+        metrics.update(rollout_metrics(batch), **ray.get(w.curriculum.stats.remote()))
+        metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
+        if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
+            with timer("checkpoint"):
+                save_checkpoint(cfg, w, it, version, env_steps, metrics["rollout/return"])
+        metrics.update(timer.pop())
+        metrics["perf/env_steps_per_s"] = batch.lengths.sum() / max(metrics["timing/collect"], 1e-9)
+        logger.log(it, metrics)
+    logger.close()
+    return metrics
+
+
+# ---- setup ------------------------------------------------------------------------------------
+def init_ray(cfg: DictConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster, e.g. under `ray job submit`
+        ray.init(address=address, log_to_driver=True)
+        return
+    c = cfg.cluster
+    needed = c.num_rollout_workers * c.cpus_per_rollout_worker + c.num_learners * c.cpus_per_learner
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=c.dashboard,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
+    """The model folder every actor loads: model.path, or a tiny model built once into run_dir/base_model."""
+    if cfg.model.path is not None:
+        return str(Path(cfg.model.path).resolve())
+    folder = run_dir / "base_model"
+    if not (folder / "config.json").is_file():
+        from vlarl.envs.base import make_env
+        from vlarl.models.factory import build_tiny_token_vla, save_model
+
+        instructions = make_env(cfg.env, 1, cfg.trainer.seed).instructions()
+        model, tokenizer, stats = build_tiny_token_vla(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed)
+        tmp = folder.with_name(f".tmp-base_model-{os.getpid()}")
+        save_model(tmp, model, tokenizer, stats)
+        os.replace(tmp, folder)
+    return str(folder)
+
+
+def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
+    c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
+    gpu = 1 if c.device == "cuda" else 0
+    per_worker = cfg.rollout.num_envs // c.num_rollout_workers
+    rollout = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu)
+               .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
+    learners = [ray.remote(LearnerWorker).options(num_cpus=c.cpus_per_learner, num_gpus=gpu)
+                .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
+    addr, port = ray.get(learners[0].rendezvous_address.remote())
+    num_params = ray.get([l.setup.remote(addr, port) for l in learners])[0]
+    env_probe = ray.get(rollout[0].env_shape.remote())
+    curriculum = ray.remote(num_cpus=0)(CurriculumManager).remote(
+        env_probe["num_tasks"], env_probe["num_init_states"], cfg.trainer.curriculum_alpha,
+        cfg.trainer.curriculum_floor, cfg.trainer.seed)
+    checkpoint = ray.remote(num_cpus=0)(CheckpointActor).remote(str(run_dir), cfg.trainer.keep_last, 0.99, plain)
+    return Workers(rollout, learners, curriculum, checkpoint, num_params)
+
+
+def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int, int]:
+    """Restore learner, optimizer, curriculum and EMA state from the latest checkpoint, if any.
+    Returns (first iteration to run, weights version, env steps so far)."""
+    path = ray.get(w.checkpoint.latest.remote()) if cfg.trainer.resume else None
+    if path is None:
+        return 0, 0, 0
+    state = ray.get(w.checkpoint.load.remote(path))
+    ray.get([l.load_full_state.remote(state["model_state"], state["optimizer_state"]) for l in w.learners])
+    ray.get(w.curriculum.load_state_dict.remote(state["curriculum_state"]))
+    ray.get(w.checkpoint.load_ema_state.remote(state["ema_state"]))
+    ts = state["trainer_state"]
+    logger.info(f"vlarl: resumed from {path} at iteration {ts['iteration'] + 1}")
+    return ts["iteration"], ts["weights_version"], ts["env_steps"]
+
+
+# ---- the phases ---------------------------------------------------------------------------------
+def collect(cfg: DictConfig, w: Workers, iteration: int) -> TrajectoryBatch:
+    g = cfg.algo.group_size
+    tasks, inits = ray.get(w.curriculum.sample.remote(iteration, cfg.rollout.num_envs // g, g))
+    groups = np.repeat(np.arange(cfg.rollout.num_envs // g), g)
+    parts = np.array_split(np.arange(cfg.rollout.num_envs), len(w.rollout))
+    refs = [r.collect.remote([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist(), iteration)
+            for r, p in zip(w.rollout, parts)]
+    return TrajectoryBatch.concat(ray.get(refs), group_offset=False)
+
+
+def push_weights(w: Workers, version: int) -> int:
+    """Learner rank 0 pushes merged weights to every rollout worker; all ranks join the gather."""
+    ray.get([l.push_weights.remote(w.rollout, version) for l in w.learners])
+    return version
+
+
+def evaluate(cfg: DictConfig, w: Workers, iteration: int) -> float:
+    """Greedy success on held-out init states (ids past the training range), cycled over tasks."""
+    probe = ray.get(w.rollout[0].env_shape.remote())
+    per_worker = cfg.rollout.num_envs // len(w.rollout)
+    rounds = max(1, -(-cfg.rollout.eval_episodes // cfg.rollout.num_envs))
+    successes = []
+    for r in range(rounds):
+        refs = []
+        for i, worker in enumerate(w.rollout):
+            k = np.arange(per_worker) + (r * len(w.rollout) + i) * per_worker
+            tasks = (k % probe["num_tasks"]).tolist()
+            inits = (probe["num_init_states"] + k // probe["num_tasks"]).tolist()
+            refs.append(worker.collect.remote(tasks, inits, k.tolist(), 10**6 + r, greedy=True))
+        successes += [b.success for b in ray.get(refs)]
+    return float(np.concatenate(successes).mean())
+
+
+def warm_start(cfg: DictConfig, w: Workers) -> dict:
+    """Behaviour cloning on scripted demonstrations before RL; reported as bc/* so the RL gain stays visible."""
+    probe = ray.get(w.rollout[0].env_shape.remote())
+    per_worker = cfg.rollout.num_envs // len(w.rollout)
+    rng = np.random.default_rng((cfg.trainer.seed, 7))
+    demos = []
+    for _ in range(max(1, cfg.trainer.bc_episodes // cfg.rollout.num_envs)):
+        refs = [r.demonstrations.remote(rng.integers(0, probe["num_tasks"], per_worker).tolist(),
+                                        rng.integers(0, probe["num_init_states"], per_worker).tolist())
+                for r in w.rollout]
+        demos += ray.get(refs)
+    batch = TrajectoryBatch.concat(demos)
+    out = mean_over_ranks(ray.get([l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.algo.minibatch_size)
+                                   for l in w.learners]))
+    out["bc/demo_success"] = float(batch.success.mean())
+    return out
+
+
+def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, current_return: float) -> None:
+    """update_best before save, so the periodic checkpoint carries the EMA that includes this step."""
+    pairs = [l.checkpoint_state.options(num_returns=2).remote() for l in w.learners]
+    model_ref, optim_ref = pairs[0]
+    ray.get([p[0] for p in pairs[1:]])  # the other ranks only join the gather
+    trainer_state = {"iteration": it + 1, "weights_version": version, "env_steps": env_steps,
+                     "seed": cfg.trainer.seed, "rng": "derived from (seed, iteration) in every actor"}
+    curriculum_state = w.curriculum.state_dict.remote()
+    ray.get(w.checkpoint.update_best.remote(it + 1, current_return, model_ref, optim_ref, trainer_state, curriculum_state))
+    ray.get(w.checkpoint.save.remote(it + 1, model_ref, optim_ref, trainer_state, curriculum_state))
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+def rollout_metrics(batch: TrajectoryBatch) -> dict:
+    return {"rollout/success_rate": float(batch.success.mean()),
+            "rollout/return": float(batch.episode_returns.mean()),
+            "rollout/episode_length": float(batch.lengths.mean()),
+            "rollout/episodes": float(batch.num_episodes)}
+
+
+def mean_over_ranks(per_rank: list[dict]) -> dict:
+    return {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
+

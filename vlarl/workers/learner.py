@@ -1,0 +1,246 @@
+"""Learner group: N FSDP2 ranks that recompute old log-probs/values, compute advantages and run PPO.
+
+Each `LearnerWorker` is one rank. The ranks form their own process group (gloo on CPU, NCCL on
+GPU) and shard the model with `fully_shard` per transformer layer. Every rank sees the whole
+batch through Ray's object store and works on its slice of each minibatch; losses are divided by
+the global element count and multiplied by the world size (FSDP averages gradients), so one rank
+and N ranks take the same step on the same batch.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from vlarl.algo.advantages import gae, grpo, group_filter_mask, masked_whiten
+from vlarl.algo.losses import policy_loss, truncated_is_weights, value_loss
+from vlarl.data.batch import TrajectoryBatch
+from vlarl.models.factory import apply_lora, load_model, merge_lora_state_dict
+from vlarl.rollout.hf_engine import InstructionCache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StepInputs:
+    """Per-step model inputs gathered from a TrajectoryBatch by (episode, step) indices."""
+
+    def __init__(self, batch: TrajectoryBatch, instructions: InstructionCache):
+        self.batch = batch
+        self.ids, self.text_mask = instructions.encode(batch.instructions)  # (N, Li)
+
+    def take(self, ep: np.ndarray, t: np.ndarray, tokens: np.ndarray, device) -> tuple:
+        """ep, t (B,) indices; tokens (B, D) -> model forward arguments"""
+        b, to = self.batch, lambda x: torch.as_tensor(x).to(device)  # noqa: E731
+        return (to(b.images[ep, t]), to(b.proprio[ep, t]), to(self.ids[ep]), to(self.text_mask[ep]), to(tokens))
+
+
+class LearnerWorker:
+    def __init__(self, cfg: dict, rank: int, world_size: int, model_folder: str):
+        self.cfg = OmegaConf.create(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.model_folder = model_folder
+        self.device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
+        torch.set_num_threads(self.cfg.cluster.torch_threads)
+
+    # ---- setup -----------------------------------------------------------------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Called on rank 0: an address and free port the group can meet at."""
+        return "127.0.0.1" if self.cfg.cluster.address is None else socket.gethostbyname(socket.gethostname()), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(minutes=30))
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model.dtype)
+        if self.cfg.model.lora_rank > 0:
+            model = apply_lora(model, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
+        model.to(self.device)
+        mesh = init_device_mesh(self.device, (self.world_size,))
+        for layer in [*model.vision.encoder.layers, *model.language_model.model.layers]:
+            fully_shard(layer, mesh=mesh)
+        self.model = fully_shard(model, mesh=mesh)
+        self.instructions = InstructionCache(tokenizer)
+        critic = [p for n, p in model.named_parameters() if n.startswith("value_head")]
+        actor = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("value_head")]
+        a = self.cfg.algo
+        self.optimizer = torch.optim.AdamW([{"params": actor, "lr": a.actor_lr}, {"params": critic, "lr": a.critic_lr}],
+                                           weight_decay=0.0)
+        self.critic_params = critic
+        return sum(p.numel() for p in model.parameters())
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _my_slice(self, idx: np.ndarray) -> np.ndarray:
+        return np.array_split(idx, self.world_size)[self.rank]
+
+    @torch.no_grad()
+    def _score_all(self, inputs: StepInputs, ep, t, tokens, temperature, chunk: int = 256):
+        """Log-probs (S, D) and values (S,) of every listed step, sharded over ranks and gathered."""
+        n = len(ep)
+        per_rank = -(-n // self.world_size)
+        order = np.arange(per_rank * self.world_size) % max(n, 1)  # pad by wrapping
+        mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        logps, vals = [], []
+        n_chunks = -(-per_rank // chunk)  # equal on every rank: FSDP needs matching forward calls
+        for c in range(n_chunks):
+            sel = mine[c * chunk:(c + 1) * chunk]
+            lp, _, v = self.model(*inputs.take(ep[sel], t[sel], tokens[sel], self.device), temperature=temperature)
+            logps.append(lp.cpu())
+            vals.append(v.cpu())
+        lp, v = torch.cat(logps), torch.cat(vals)
+        if self.world_size > 1:
+            lp_all, v_all = [torch.empty_like(lp) for _ in range(self.world_size)], [torch.empty_like(v) for _ in range(self.world_size)]
+            dist.all_gather(lp_all, lp.to(self.device))
+            dist.all_gather(v_all, v.to(self.device))
+            lp, v = torch.cat(lp_all).cpu(), torch.cat(v_all).cpu()
+        return lp[:n], v[:n]
+
+    # ---- the update ----------------------------------------------------------------------------
+    def update(self, batch: TrajectoryBatch, iteration: int) -> dict:
+        a, temp = self.cfg.algo, self.cfg.rollout.temperature
+        self.model.train()
+        inputs = StepInputs(batch, self.instructions)
+        ep, t = batch.flat_steps()
+        tokens = batch.action_tokens[ep, t]  # (S, D)
+        old_logprobs, old_values = self._score_all(inputs, ep, t, tokens, temp)
+        rollout_logprobs = torch.as_tensor(batch.rollout_logprobs[ep, t])
+        metrics = {"rollout/logprob_abs_diff": (old_logprobs - rollout_logprobs).abs().mean().item()}
+
+        advantages, returns, keep = self._advantages(batch, inputs, ep, t, tokens, old_values, temp)
+        is_weights = truncated_is_weights(old_logprobs, rollout_logprobs, a.tis_cap) if a.tis_cap > 0 else None
+        warmup = iteration < a.critic_warmup_iters
+        steps = np.nonzero(keep.numpy())[0]
+        for epoch in range(a.epochs):
+            rng = np.random.default_rng((self.cfg.trainer.seed, iteration, epoch))
+            perm = steps[rng.permutation(len(steps))]
+            n_mb = max(1, len(perm) // a.minibatch_size)
+            for mb in np.array_split(perm, n_mb):
+                if len(mb) < self.world_size:
+                    continue
+                m = self._minibatch_step(inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages,
+                                         returns, is_weights, warmup, temp)
+                for k, v in m.items():
+                    metrics.setdefault(k, []).append(v)
+        out = {k: float(np.mean(v)) for k, v in metrics.items()}
+        out["actor/kept_steps"] = float(len(steps))
+        out["critic/warmup"] = float(warmup)
+        return out
+
+    def _advantages(self, batch, inputs, ep, t, tokens, old_values, temp):
+        """-> advantages (S,), returns (S,), keep (S,) bool for the flattened steps."""
+        a = self.cfg.algo
+        n_steps = len(ep)
+        keep = torch.ones(n_steps, dtype=torch.bool)
+        if a.advantage == "gae":
+            n, width = batch.mask.shape
+            last_t = batch.last_obs_steps()
+            _, last_values = self._score_all(inputs, np.arange(n), last_t, batch.action_tokens[:, 0], temp)
+            values = torch.zeros(n, width)
+            values[ep, t] = old_values
+            adv, ret = gae(torch.as_tensor(batch.rewards), values, torch.as_tensor(batch.dones),
+                           torch.as_tensor(batch.terminated), last_values, torch.as_tensor(batch.mask), a.gamma, a.lam)
+            advantages, returns = adv[ep, t], ret[ep, t]
+        else:
+            ep_returns = torch.as_tensor(batch.episode_returns)
+            group_ids = torch.as_tensor(batch.group_ids)
+            advantages = grpo(ep_returns, group_ids)[ep]
+            returns = ep_returns[ep]
+            if a.group_filter:
+                keep = group_filter_mask(ep_returns, group_ids, a.filter_low, a.filter_high)[ep]
+        if a.normalize_advantages and keep.any():
+            advantages = masked_whiten(advantages, keep.float())
+        return advantages, returns, keep
+
+    def _minibatch_step(self, inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages, returns,
+                        is_weights, warmup, temp) -> dict:
+        a = self.cfg.algo
+        mine = self._my_slice(mb)
+        logprobs, entropy, values = self.model(*inputs.take(ep[mine], t[mine], tokens[mine], self.device), temperature=temp)
+        dev = lambda x: x[mine].to(self.device)  # noqa: E731
+        n_tok = len(mb) * tokens.shape[1]  # global element counts, so every rank divides alike
+        adv = dev(advantages)[:, None].expand_as(logprobs)
+        ones = torch.ones_like(logprobs)
+        pg, pm = policy_loss(logprobs, dev(old_logprobs), adv, ones, a.clip_low, a.clip_high,
+                             is_weights=None if is_weights is None else dev(is_weights), normalizer=n_tok)
+        vf, vm = value_loss(values, dev(old_values), dev(returns), torch.ones_like(values), a.vf_clip, normalizer=len(mb))
+        ent = entropy.sum() / n_tok
+        loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent
+        (loss * self.world_size).backward()  # FSDP averages gradients over ranks
+        if warmup:  # critic warmup: only the value head moves (VLA-RL)
+            for group in self.optimizer.param_groups[:1]:
+                for p in group["params"]:
+                    p.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], a.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return {**pm, **vm, "actor/entropy": float(entropy.mean()), "actor/grad_norm": float(grad_norm)}
+
+    # ---- behaviour cloning warm start ---------------------------------------------------------
+    def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int) -> dict:
+        """Supervised warm start on demonstration episodes: maximise log-prob of their tokens."""
+        inputs = StepInputs(batch, self.instructions)
+        ep, t = batch.flat_steps()
+        tokens = batch.action_tokens[ep, t]
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.algo.actor_lr)
+        rng = np.random.default_rng((self.cfg.trainer.seed, -1))
+        losses = []
+        self.model.train()
+        for _ in range(steps):
+            mb = rng.choice(len(ep), size=min(minibatch, len(ep)), replace=False)
+            mine = self._my_slice(mb)
+            logprobs, _, _ = self.model(*inputs.take(ep[mine], t[mine], tokens[mine], self.device), temperature=1.0)
+            loss = -logprobs.sum() / (len(mb) * tokens.shape[1])
+            (loss * self.world_size).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss) * self.world_size)
+        return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:]))}
+
+    # ---- weights out and in -------------------------------------------------------------------
+    def full_state(self) -> tuple[dict, dict]:
+        """Collective: full model and optimizer state dicts on rank 0 (empty elsewhere), on CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(self.model, self.optimizer, options=opts)
+
+    def load_full_state(self, model_state: dict, optimizer_state: dict | None) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state or {}, options=opts)
+
+    def push_weights(self, rollout_workers: list, version: int) -> float:
+        """Collective: gather full weights, merge LoRA, and (rank 0) push them to every rollout worker."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return 0.0
+        import ray
+
+        state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
+        ref = ray.put(state)
+        ray.get([w.load_weights.remote(ref, version) for w in rollout_workers])
+        return float(sum(v.numel() * v.element_size() for v in state.values())) / 1e9
+
+    def checkpoint_state(self):
+        """Collective: (model_state, optimizer_state) for the CheckpointActor, filled on rank 0."""
+        return self.full_state()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,119 @@
+"""RolloutWorker: owns an inference engine and a set of environments, and collects episodes.
+
+`collect` runs every environment to the end of one episode from the given (task, init state)
+pairs and returns a TrajectoryBatch. Sampling noise comes from a generator seeded with
+(seed, iteration, worker, mode), so a resumed run draws the same actions an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from vlarl.data.batch import TrajectoryBatch
+from vlarl.envs.base import make_env
+from vlarl.models.factory import load_model
+from vlarl.rollout.hf_engine import HFEngine
+
+
+class RolloutWorker:
+    def __init__(self, cfg: dict, index: int, model_folder: str, num_envs: int):
+        self.cfg = OmegaConf.create(cfg)
+        self.index = index
+        torch.set_num_threads(self.cfg.cluster.torch_threads)
+        device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
+        model, tokenizer, action_tokenizer = load_model(model_folder, self.cfg.model.dtype)
+        self.engine = HFEngine(model, tokenizer, action_tokenizer, device)
+        self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
+        self.num_envs = num_envs
+        self.weights_version = 0
+
+    def load_weights(self, state_dict: dict, version: int) -> int:
+        """Take a weight push from learner rank 0; returns the new version."""
+        self.engine.load_state_dict(state_dict)
+        self.weights_version = version
+        return version
+
+    def get_weights_version(self) -> int:
+        return self.weights_version
+
+    def env_shape(self) -> dict:
+        """What the driver needs to plan episodes: task and init-state counts, step limit."""
+        e = self.env
+        return {"num_tasks": e.num_tasks, "num_init_states": e.num_init_states, "max_steps": e.max_steps}
+
+    def collect(self, task_ids: list[int], init_state_ids: list[int], group_ids: list[int],
+                iteration: int, greedy: bool = False) -> TrajectoryBatch:
+        """One episode per environment with the current policy (sampled, or greedy for evaluation)."""
+        seed = np.random.SeedSequence([self.cfg.trainer.seed, iteration, self.index, int(greedy)])
+        gen = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        temperature = self.cfg.rollout.temperature
+
+        def policy(obs, live):
+            out = self.engine.generate(_select(obs, live), temperature, greedy, gen)
+            return out.tokens, out.logprobs, out.actions
+
+        return self._episodes(task_ids, init_state_ids, group_ids, policy)
+
+    def demonstrations(self, task_ids: list[int], init_state_ids: list[int]) -> TrajectoryBatch:
+        """One scripted expert episode per environment (for the behaviour-cloning warm start)."""
+        if not hasattr(self.env, "expert_actions"):
+            raise ValueError(f"env={self.cfg.env.name} has no scripted expert; set trainer.bc_warmup_steps=0.")
+        at = self.engine.action_tokenizer
+
+        def policy(obs, live):
+            actions = self.env.expert_actions()[live]
+            tokens = at.actions_to_tokens(actions)
+            return tokens, np.zeros(tokens.shape, np.float32), at.tokens_to_actions(tokens)
+
+        return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)
+
+    def _episodes(self, task_ids, init_state_ids, group_ids, policy) -> TrajectoryBatch:
+        n, env = self.num_envs, self.env
+        if len(task_ids) != n:
+            raise ValueError(f"worker {self.index} runs {n} environments but was given {len(task_ids)} tasks.")
+        obs = env.reset(task_ids, init_state_ids)
+        horizon = env.max_steps
+        images = np.zeros((n, horizon + 1, *obs["image"].shape[1:]), np.uint8)
+        proprio = np.zeros((n, horizon + 1, obs["proprio"].shape[1]), np.float32)
+        d = self.engine.model.config.action_dim
+        tokens = np.zeros((n, horizon, d), np.int64)
+        logprobs = np.zeros((n, horizon, d), np.float32)
+        rewards = np.zeros((n, horizon), np.float32)
+        mask, dones, terminated = (np.zeros((n, horizon), bool) for _ in range(3))
+        success, alive = np.zeros(n, bool), np.ones(n, bool)
+        images[:, 0], proprio[:, 0] = obs["image"], obs["proprio"]
+        actions = np.zeros((n, d), np.float32)
+        steps = 0
+        for t in range(horizon):
+            live = np.nonzero(alive)[0]
+            step_tokens, step_logprobs, step_actions = policy(obs, live)
+            actions[:] = 0.0
+            actions[live] = step_actions
+            res = env.step(actions)
+            tokens[live, t], logprobs[live, t] = step_tokens, step_logprobs
+            rewards[:, t] = np.where(alive, res.reward, 0.0)
+            mask[:, t] = alive
+            ended = (res.terminated | res.truncated) & alive
+            dones[:, t], terminated[:, t] = ended, res.terminated & alive
+            success |= res.info["success"] & alive
+            images[live, t + 1], proprio[live, t + 1] = res.obs["image"][live], res.obs["proprio"][live]
+            obs = res.obs
+            alive &= ~ended
+            steps = t + 1
+            if not alive.any():
+                break
+        return TrajectoryBatch(
+            images=images[:, :steps + 1], proprio=proprio[:, :steps + 1],
+            instructions=[env.instructions()[k] for k in task_ids],
+            task_ids=np.asarray(task_ids, np.int64), init_state_ids=np.asarray(init_state_ids, np.int64),
+            group_ids=np.asarray(group_ids, np.int64), action_tokens=tokens[:, :steps],
+            rollout_logprobs=logprobs[:, :steps], rewards=rewards[:, :steps], mask=mask[:, :steps],
+            dones=dones[:, :steps], terminated=terminated[:, :steps], success=success,
+            weights_version=self.weights_version,
+        )
+
+
+def _select(obs: dict, idx: np.ndarray) -> dict:
+    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in obs.items()}
