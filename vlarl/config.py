@@ -53,10 +53,10 @@ class TinyModelConfig:
     vision_hidden: int = 64  # vision encoder width
     vision_layers: int = 2  # vision encoder depth
     patch_size: int = 4  # vision patch side in pixels
-    hidden: int = 128  # decoder width
+    hidden: int = 64  # decoder width
     layers: int = 2  # decoder depth
     heads: int = 4  # decoder attention heads
-    intermediate: int = 256  # decoder MLP width
+    intermediate: int = 128  # decoder MLP width
 
 
 @dataclass
@@ -75,12 +75,12 @@ class EnvConfig:
     name: str = "toy"  # toy | libero_spatial | libero_object | libero_goal | libero_10 | libero_90
     num_tasks: int = 4  # toy: number of target colours (one task each)
     num_blocks: int = 3  # toy: blocks per episode
-    grid: int = 8  # toy: board cells per side
-    image_size: int = 32  # image side fed to the model
+    grid: int = 4  # toy: board cells per side
+    image_size: int = 16  # image side fed to the model
     max_steps: int = 10  # episode step limit (truncation)
     max_move: float = 0.25  # toy: effector displacement per step at |action| = 1
     success_radius: float = 0.09  # toy: distance that counts as reaching a block
-    num_init_states: int = 50  # init states per task
+    num_init_states: int = 10000  # init states per task (LIBERO has 50; the toy can draw many layouts)
 
 
 @dataclass
@@ -114,7 +114,9 @@ class TrainerConfig:
     keep_last: int = 2  # periodic checkpoints kept
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     bc_warmup_steps: int = 0  # behaviour-cloning steps on scripted demos before RL (toy only)
-    bc_episodes: int = 256  # scripted demonstration episodes for the warm start
+    bc_episodes: int = 1024  # scripted demonstration episodes for the warm start
+    bc_lr: float = 2e-3  # learning rate of the warm start
+    bc_minibatch_size: int = 128  # demonstration steps per warm-start gradient step
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "vlarl"  # W&B project
     curriculum_floor: float = 0.02  # minimum sampling probability of any task

@@ -183,7 +183,8 @@ def warm_start(cfg: DictConfig, w: Workers) -> dict:
                 for r in w.rollout]
         demos += ray.get(refs)
     batch = TrajectoryBatch.concat(demos)
-    out = mean_over_ranks(ray.get([l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.algo.minibatch_size)
+    out = mean_over_ranks(ray.get([l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.trainer.bc_minibatch_size,
+                                                            cfg.trainer.bc_lr)
                                    for l in w.learners]))
     out["bc/demo_success"] = float(batch.success.mean())
     return out

@@ -35,12 +35,12 @@ EFFECTOR = (255, 255, 255)
 class ToySpec:
     num_colours: int = 4  # number of tasks: one per target colour
     num_blocks: int = 3  # blocks on the table per episode (target + distractors)
-    grid: int = 8  # blocks sit on cell centres of a grid x grid board
-    image_size: int = 32  # rendered image side in pixels (a multiple of grid)
+    grid: int = 4  # blocks sit on cell centres of a grid x grid board
+    image_size: int = 16  # rendered image side in pixels (a multiple of grid)
     max_steps: int = 10  # step limit; the episode is truncated after it
     max_move: float = 0.25  # effector displacement per step at |action| = 1
     success_radius: float = 0.09  # distance to a block centre that counts as reaching it
-    num_init_states: int = 50  # layouts per task, like LIBERO's 50 init states
+    num_init_states: int = 10000  # layouts per task used for training
 
 
 class ToyEnv:

@@ -1,11 +1,13 @@
 """OpenVLA-style token policy: vision encoder -> MLP projector -> LLaMA-style decoder -> action bins.
 
-The decoder reads the prefix [image patches][proprio token][instruction tokens] and emits one
+The decoder reads the prefix [instruction tokens][proprio token][image patches] and emits one
 token per action dimension. Action log-probabilities are the log-softmax restricted to the 256 bin
 ids at the sampling temperature, so the learner's numbers match what the rollout engine sampled.
 A value head reads the decoder's hidden state at the last prefix position (before any action
-token), as in VLA-RL. Instruction padding may sit in the middle of the prefix: the attention mask
-hides it and position ids count only real tokens, so padded and unpadded prefixes agree.
+token), as in VLA-RL. The instruction comes first so every image patch can attend to it: a patch
+can then tell locally whether it shows the named object, which makes grounding far easier to learn
+than matching at the last position. Instructions are left-padded; the attention mask hides the
+padding and position ids count only real tokens, so padded and unpadded prefixes agree.
 """
 
 from __future__ import annotations
@@ -85,13 +87,13 @@ class TokenVLA(PreTrainedModel):
         """
         pixels = images.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0  # SigLIP's [-1, 1]
         patches = self.projector(self.vision(pixel_values=pixels).last_hidden_state)  # (B, P, E)
-        parts = [patches]
+        parts = [self.embed_tokens(input_ids)]
         if self.proprio_proj is not None:
             parts.append(self.proprio_proj(proprio.to(self.dtype))[:, None])
-        parts.append(self.embed_tokens(input_ids))
+        parts.append(patches)
         embeds = torch.cat(parts, 1)
-        lead = embeds.shape[1] - input_ids.shape[1]
-        mask = torch.cat([text_mask.new_ones(text_mask.shape[0], lead), text_mask.long()], 1)
+        tail = embeds.shape[1] - input_ids.shape[1]
+        mask = torch.cat([text_mask.long(), text_mask.new_ones(text_mask.shape[0], tail)], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return embeds, mask, positions
 

@@ -188,12 +188,12 @@ class LearnerWorker:
         return {**pm, **vm, "actor/entropy": float(entropy.mean()), "actor/grad_norm": float(grad_norm)}
 
     # ---- behaviour cloning warm start ---------------------------------------------------------
-    def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int) -> dict:
+    def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float) -> dict:
         """Supervised warm start on demonstration episodes: maximise log-prob of their tokens."""
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
         tokens = batch.action_tokens[ep, t]
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.algo.actor_lr)
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         rng = np.random.default_rng((self.cfg.trainer.seed, -1))
         losses = []
         self.model.train()
