@@ -166,6 +166,8 @@ def load_config(argv: list[str]) -> DictConfig:
         if "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not of the form key=value; see --help.")
         key, value = arg.split("=", 1)
+        if not key:
+            raise ConfigError(f"argument {arg!r} has no key before '='; see --help.")
         if key in GROUPS:
             if value not in group_options(key):
                 raise ConfigError(f"{key}={value} is unknown; choose one of {', '.join(group_options(key))}.")
@@ -173,15 +175,22 @@ def load_config(argv: list[str]) -> DictConfig:
         else:
             dotted.append((key, value))
     cfg = OmegaConf.structured(Config)
+    for group in GROUPS:
+        path = CONF_DIR / group / f"{choices[group]}.yaml"
+        try:
+            cfg = OmegaConf.merge(cfg, {group: _yaml(path)})
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: " + _explain(e, group)) from None
     try:
-        for group in GROUPS:
-            cfg = OmegaConf.merge(cfg, {group: _yaml(CONF_DIR / group / f"{choices[group]}.yaml")})
         cfg = OmegaConf.merge(cfg, {k: v for k, v in base.items() if k != "defaults"})
-        cfg.defaults = [{g: choices[g]} for g in GROUPS]
-        for key, value in dotted:
-            _set(cfg, key, value)
     except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e)) from None
+        raise ConfigError(f"{CONF_DIR / 'config.yaml'}: " + _explain(e, "")) from None
+    cfg.defaults = [{g: choices[g]} for g in GROUPS]
+    for key, value in dotted:
+        try:
+            _set(cfg, key, value)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, key)) from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -196,11 +205,13 @@ def _keys(section: str) -> list[str]:
     node: Any = Config()
     for part in filter(None, section.split(".")):
         node = getattr(node, part, None)
-    return [f.name for f in fields(node)] if is_dataclass(node) else [f.name for f in fields(Config)]
+    if is_dataclass(node):
+        return [f.name for f in fields(node)]
+    return [f.name for f in fields(Config) if f.name != "defaults"]
 
 
-def _explain(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None) or "?"
+def _explain(e: OmegaConfBaseException, key: str) -> str:
+    key = getattr(e, "full_key", None) or key
     msg = str(e).splitlines()[0]
     if "not in struct" in msg.lower() or "key" in type(e).__name__.lower():
         section = key.rsplit(".", 1)[0] if "." in key else ""
@@ -216,6 +227,8 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
+    if cfg.rollout.eval_every < 0:
+        raise ConfigError(f"rollout.eval_every must be >= 0 (0 turns evaluation off), got {cfg.rollout.eval_every}.")
     if cfg.algo.advantage == "grpo" and cfg.algo.group_size < 2:
         raise ConfigError("GRPO needs algo.group_size >= 2 rollouts per task; set algo.group_size=8, for example.")
     if cfg.rollout.num_envs % (cfg.algo.group_size * cfg.cluster.num_rollout_workers):

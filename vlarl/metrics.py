@@ -51,6 +51,12 @@ class MetricsLogger:
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         """Write one iteration's metrics everywhere and print the progress line."""
+        self.record(iteration, metrics)
+        self.stream.write(self.progress_line(iteration, metrics) + "\n")
+        self.stream.flush()
+
+    def record(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Write metrics to the files and dashboards only (iteration -1: before the first update)."""
         record = {"iteration": iteration, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
@@ -58,8 +64,10 @@ class MetricsLogger:
         self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=iteration)
-        self.stream.write(self.progress_line(iteration, metrics) + "\n")
-        self.stream.flush()
+
+    def start_clock(self) -> None:
+        """Start timing iterations now (so warm-up work does not inflate s/it and the ETA)."""
+        self.started = time.time()
 
     def progress_line(self, iteration: int, m: dict[str, float]) -> str:
         if self.first_iteration is None:

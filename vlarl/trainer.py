@@ -17,6 +17,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from vlarl.data.batch import TrajectoryBatch
+from vlarl.envs.base import held_out_episodes
 from vlarl.metrics import MetricsLogger, Timer
 from vlarl.workers.checkpoint import CheckpointActor
 from vlarl.workers.curriculum import CurriculumManager
@@ -38,17 +39,25 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.trainer.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
-    model_folder = prepare_model(cfg, run_dir)
-    w = start_workers(cfg, model_folder, run_dir)
+    w = start_workers(cfg, prepare_model(cfg, run_dir), run_dir)
     logger = MetricsLogger(run_dir, OmegaConf.to_container(cfg), cfg.trainer.iterations, cfg.trainer.wandb,
                            cfg.trainer.wandb_project)
-    start, version, env_steps = resume(cfg, w, logger)
-    if start == 0 and cfg.trainer.bc_warmup_steps > 0:
-        logger.log(-1, warm_start(cfg, w))
-    version = push_weights(w, version + 1)
-    timer, metrics = Timer(), {}
     logger.info(f"vlarl: {w.num_params:,} parameters, {len(w.rollout)} rollout worker(s), "
                 f"{len(w.learners)} learner rank(s); run dir {run_dir}")
+    try:
+        return loop(cfg, w, logger)
+    finally:
+        logger.close()
+        stop_workers(w)
+
+
+def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
+    start, version, env_steps = resume(cfg, w, logger)
+    version = push_weights(w, version + 1)  # rollout workers start from the learners' weights
+    if start == 0:
+        version = initial_report(cfg, w, logger, version)
+    timer, metrics = Timer(), {}
+    logger.start_clock()
     for it in range(start, cfg.trainer.iterations):
         with timer("collect"):
             batch = collect(cfg, w, it)
@@ -69,7 +78,6 @@ def train(cfg: DictConfig) -> dict:
         metrics.update(timer.pop())
         metrics["perf/env_steps_per_s"] = batch.lengths.sum() / max(metrics["timing/collect"], 1e-9)
         logger.log(it, metrics)
-    logger.close()
     return metrics
 
 
@@ -83,7 +91,8 @@ def init_ray(cfg: DictConfig) -> None:
         return
     c = cfg.cluster
     needed = c.num_rollout_workers * c.cpus_per_rollout_worker + c.num_learners * c.cpus_per_learner
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=c.dashboard,
+    # address="local": always a fresh cluster, never silently joining one started by `ray start`.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=c.dashboard,
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 
@@ -122,6 +131,13 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     return Workers(rollout, learners, curriculum, checkpoint, num_params)
 
 
+def stop_workers(w: Workers) -> None:
+    """Release the actors (and the learners' process group) so the cluster is free for the next job."""
+    ray.get([l.shutdown.remote() for l in w.learners])
+    for actor in [*w.rollout, *w.learners, w.curriculum, w.checkpoint]:
+        ray.kill(actor)
+
+
 def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int, int]:
     """Restore learner, optimizer, curriculum and EMA state from the latest checkpoint, if any.
     Returns (first iteration to run, weights version, env steps so far)."""
@@ -155,7 +171,7 @@ def push_weights(w: Workers, version: int) -> int:
 
 
 def evaluate(cfg: DictConfig, w: Workers, iteration: int) -> float:
-    """Greedy success on held-out init states (ids past the training range), cycled over tasks."""
+    """Greedy success over rollout.eval_episodes held-out episodes (rounded up to whole batches)."""
     probe = ray.get(w.rollout[0].env_shape.remote())
     per_worker = cfg.rollout.num_envs // len(w.rollout)
     rounds = max(1, -(-cfg.rollout.eval_episodes // cfg.rollout.num_envs))
@@ -163,12 +179,28 @@ def evaluate(cfg: DictConfig, w: Workers, iteration: int) -> float:
     for r in range(rounds):
         refs = []
         for i, worker in enumerate(w.rollout):
-            k = np.arange(per_worker) + (r * len(w.rollout) + i) * per_worker
-            tasks = (k % probe["num_tasks"]).tolist()
-            inits = (probe["num_init_states"] + k // probe["num_tasks"]).tolist()
-            refs.append(worker.collect.remote(tasks, inits, k.tolist(), 10**6 + r, greedy=True))
+            start = (r * len(w.rollout) + i) * per_worker
+            tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"], start, per_worker)
+            refs.append(worker.collect.remote(tasks, inits, list(range(per_worker)), 10**6 + r, greedy=True))
         successes += [b.success for b in ray.get(refs)]
     return float(np.concatenate(successes).mean())
+
+
+def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: int) -> int:
+    """Greedy success of the starting policy, then the BC warm start (if on) and its success,
+    logged as iteration -1 so the gain RL brings stays visible. Returns the weights version."""
+    metrics = {}
+    if cfg.rollout.eval_every:
+        metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1)
+    if cfg.trainer.bc_warmup_steps > 0:
+        metrics.update(warm_start(cfg, w))
+        version = push_weights(w, version + 1)
+        if cfg.rollout.eval_every:
+            metrics["eval/success_rate"] = evaluate(cfg, w, -1)
+    if metrics:
+        logger.record(-1, metrics)
+        logger.info("vlarl: before RL: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return version
 
 
 def warm_start(cfg: DictConfig, w: Workers) -> dict:

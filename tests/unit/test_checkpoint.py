@@ -216,7 +216,10 @@ def test_invalid_arguments_raise_clear_errors(tmp_path):
 def ray_session():
     """A one-CPU local Ray, shared by the tests of this module that need it."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False)
+    if ray.is_initialized():  # a session-wide cluster from conftest
+        yield ray
+        return
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     yield ray
     ray.shutdown()
 

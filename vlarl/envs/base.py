@@ -27,6 +27,13 @@ class StepResult(NamedTuple):
     info: dict  # extra per-env arrays, e.g. "success" (N,) bool
 
 
+def held_out_episodes(num_tasks: int, num_init_states: int, start: int, count: int) -> tuple[list[int], list[int]]:
+    """Evaluation episodes start..start+count: tasks cycle, init states come from past the training
+    range, so reported success is never measured on layouts the policy trained on."""
+    k = np.arange(start, start + count)
+    return (k % num_tasks).tolist(), (num_init_states + k // num_tasks).tolist()
+
+
 def make_env(env_cfg, num_envs: int, seed: int):
     """Build the vectorised environment named by `env_cfg.name`."""
     if env_cfg.name == "toy":

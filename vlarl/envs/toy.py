@@ -52,6 +52,9 @@ class ToyEnv:
                 f"toy env needs 2 <= num_blocks ({spec.num_blocks}) <= num_colours "
                 f"({spec.num_colours}) <= {len(COLOURS)}; change env.num_blocks or env.num_colours."
             )
+        if not 0 < spec.success_radius < 0.5 / spec.grid:
+            raise ValueError(f"env.success_radius ({spec.success_radius}) must lie in (0, {0.5 / spec.grid:g}) so "
+                             "neighbouring blocks do not overlap; lower it or use a smaller env.grid.")
         if spec.image_size % spec.grid:
             raise ValueError(f"env.image_size ({spec.image_size}) must be a multiple of env.grid ({spec.grid}).")
         self.num_envs, self.spec, self.seed = num_envs, spec, seed
@@ -96,10 +99,12 @@ class ToyEnv:
             self.block_colour[i] = [task, *rng.choice(others, s.num_blocks - 1, replace=False)]
             cells = rng.choice(g * g, s.num_blocks, replace=False)
             self.block_pos[i] = np.stack([cells % g, cells // g], -1).astype(np.float32) / g + 0.5 / g
-            while True:  # start clear of every block
+            for _ in range(10_000):  # start clear of every block
                 p = rng.uniform(0.0, 1.0, 2).astype(np.float32)
                 if np.linalg.norm(self.block_pos[i] - p, axis=-1).min() > 2 * s.success_radius:
                     break
+            else:
+                raise ValueError("no free start position for the effector; lower env.success_radius or env.num_blocks.")
             self.pos[i] = p
         self.task_ids[:] = task_ids
         self.steps[:] = 0

@@ -121,8 +121,9 @@ class TokenVLA(PreTrainedModel):
         logits = self.bin_logits(out.logits, temperature)  # (B, D, 256)
         logp_all = F.log_softmax(logits, -1)
         bins = (action_tokens - self.first_bin_id).long()
-        logprobs = logp_all.gather(-1, bins[..., None]).squeeze(-1)
+        logprobs = logp_all.gather(-1, bins[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         last_prefix = out.hidden_states[-1][:, embeds.shape[1] - 1]  # (B, E)
-        values = self.value_head(last_prefix).squeeze(-1).float()
-        return logprobs, entropy, values
+        values = self.value_head(last_prefix)[:, 0].float()
+        # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.
+        return logprobs.contiguous(), entropy, values.contiguous()

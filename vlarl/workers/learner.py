@@ -114,7 +114,7 @@ class LearnerWorker:
         ep, t = batch.flat_steps()
         tokens = batch.action_tokens[ep, t]  # (S, D)
         old_logprobs, old_values = self._score_all(inputs, ep, t, tokens, temp)
-        rollout_logprobs = torch.as_tensor(batch.rollout_logprobs[ep, t])
+        rollout_logprobs = torch.from_numpy(batch.rollout_logprobs[ep, t])
         metrics = {"rollout/logprob_abs_diff": (old_logprobs - rollout_logprobs).abs().mean().item()}
 
         advantages, returns, keep = self._advantages(batch, inputs, ep, t, tokens, old_values, temp)
@@ -148,12 +148,12 @@ class LearnerWorker:
             _, last_values = self._score_all(inputs, np.arange(n), last_t, batch.action_tokens[:, 0], temp)
             values = torch.zeros(n, width)
             values[ep, t] = old_values
-            adv, ret = gae(torch.as_tensor(batch.rewards), values, torch.as_tensor(batch.dones),
-                           torch.as_tensor(batch.terminated), last_values, torch.as_tensor(batch.mask), a.gamma, a.lam)
+            adv, ret = gae(torch.tensor(batch.rewards), values, torch.tensor(batch.dones),
+                           torch.tensor(batch.terminated), last_values, torch.tensor(batch.mask), a.gamma, a.lam)
             advantages, returns = adv[ep, t], ret[ep, t]
         else:
-            ep_returns = torch.as_tensor(batch.episode_returns)
-            group_ids = torch.as_tensor(batch.group_ids)
+            ep_returns = torch.tensor(batch.episode_returns)
+            group_ids = torch.tensor(batch.group_ids)
             advantages = grpo(ep_returns, group_ids)[ep]
             returns = ep_returns[ep]
             if a.group_filter:
@@ -185,7 +185,7 @@ class LearnerWorker:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        return {**pm, **vm, "actor/entropy": float(entropy.mean()), "actor/grad_norm": float(grad_norm)}
+        return {**pm, **vm, "actor/entropy": entropy.detach().mean().item(), "actor/grad_norm": float(grad_norm)}
 
     # ---- behaviour cloning warm start ---------------------------------------------------------
     def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float) -> dict:
@@ -194,7 +194,7 @@ class LearnerWorker:
         ep, t = batch.flat_steps()
         tokens = batch.action_tokens[ep, t]
         opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        rng = np.random.default_rng((self.cfg.trainer.seed, -1))
+        rng = np.random.default_rng((self.cfg.trainer.seed, 2**31))  # a stream no iteration uses
         losses = []
         self.model.train()
         for _ in range(steps):
@@ -205,7 +205,9 @@ class LearnerWorker:
             (loss * self.world_size).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss) * self.world_size)
+            losses.append(loss.detach().item() * self.world_size)
+            if self.rank == 0 and (len(losses) % 200 == 0 or len(losses) == steps):
+                print(f"vlarl: warm start {len(losses)}/{steps} steps, loss {np.mean(losses[-50:]):.3f}", flush=True)
         return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:]))}
 
     # ---- weights out and in -------------------------------------------------------------------
