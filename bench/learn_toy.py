@@ -25,8 +25,10 @@ from vlarl.config import load_config  # noqa: E402
 from vlarl.envs.base import ACTION_DIM, held_out_episodes, make_env  # noqa: E402
 
 PRESETS = {  # shared by the benchmark and the CI learning test
-    "ppo": ["algo=ppo", "trainer.bc_warmup_steps=400", "trainer.iterations=60", "rollout.eval_every=5"],
-    "grpo": ["algo=grpo", "trainer.bc_warmup_steps=400", "trainer.iterations=60", "rollout.eval_every=5"],
+    "ppo": ["algo=ppo", "trainer.bc_warmup_steps=1200", "trainer.iterations=40", "rollout.eval_every=5",
+            "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"],
+    "grpo": ["algo=grpo", "trainer.bc_warmup_steps=1200", "trainer.iterations=40", "rollout.eval_every=5",
+             "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"],
 }
 
 

@@ -114,7 +114,7 @@ class TrainerConfig:
     keep_last: int = 2  # periodic checkpoints kept
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     bc_warmup_steps: int = 0  # behaviour-cloning steps on scripted demos before RL (toy only)
-    bc_episodes: int = 1024  # scripted demonstration episodes for the warm start
+    bc_episodes: int = 4096  # scripted demonstration episodes for the warm start (about 2.5 steps each)
     bc_lr: float = 2e-3  # learning rate of the warm start
     bc_minibatch_size: int = 128  # demonstration steps per warm-start gradient step
     wandb: bool = False  # also log to Weights & Biases

@@ -60,7 +60,7 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
     logger.start_clock()
     for it in range(start, cfg.trainer.iterations):
         with timer("collect"):
-            batch = collect(cfg, w, it)
+            batch = collect(cfg, w, it, version)
         with timer("update"):
             metrics = mean_over_ranks(ray.get([l.update.remote(batch, it) for l in w.learners]))
         with timer("sync"):
@@ -117,7 +117,8 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
     gpu = 1 if c.device == "cuda" else 0
     per_worker = cfg.rollout.num_envs // c.num_rollout_workers
-    rollout = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu)
+    rollout = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu, max_restarts=3,
+                                                 max_task_retries=1)
                .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
     learners = [ray.remote(LearnerWorker).options(num_cpus=c.cpus_per_learner, num_gpus=gpu)
                 .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
@@ -154,14 +155,21 @@ def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int
 
 
 # ---- the phases ---------------------------------------------------------------------------------
-def collect(cfg: DictConfig, w: Workers, iteration: int) -> TrajectoryBatch:
+def collect(cfg: DictConfig, w: Workers, iteration: int, version: int) -> TrajectoryBatch:
+    """One episode per environment from curriculum-chosen (task, init state) groups, split over workers.
+    A worker that Ray restarted comes back with old weights: re-send them and collect again."""
     g = cfg.algo.group_size
     tasks, inits = ray.get(w.curriculum.sample.remote(iteration, cfg.rollout.num_envs // g, g))
     groups = np.repeat(np.arange(cfg.rollout.num_envs // g), g)
     parts = np.array_split(np.arange(cfg.rollout.num_envs), len(w.rollout))
-    refs = [r.collect.remote([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist(), iteration)
-            for r, p in zip(w.rollout, parts)]
-    return TrajectoryBatch.concat(ray.get(refs), group_offset=False)
+    for _ in range(2):
+        refs = [r.collect.remote([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist(), iteration)
+                for r, p in zip(w.rollout, parts)]
+        batches = ray.get(refs)
+        if all(b.weights_version == version for b in batches):
+            return TrajectoryBatch.concat(batches, group_offset=False)
+        push_weights(w, version)
+    raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")
 
 
 def push_weights(w: Workers, version: int) -> int:

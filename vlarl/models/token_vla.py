@@ -126,4 +126,4 @@ class TokenVLA(PreTrainedModel):
         last_prefix = out.hidden_states[-1][:, embeds.shape[1] - 1]  # (B, E)
         values = self.value_head(last_prefix)[:, 0].float()
         # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.
-        return logprobs.contiguous(), entropy, values.contiguous()
+        return logprobs.clone(), entropy, values.clone()

@@ -26,7 +26,7 @@ from vlarl.rollout.hf_engine import InstructionCache
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -53,8 +53,10 @@ class LearnerWorker:
 
     # ---- setup -----------------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
-        """Called on rank 0: an address and free port the group can meet at."""
-        return "127.0.0.1" if self.cfg.cluster.address is None else socket.gethostbyname(socket.gethostname()), free_port()
+        """Called on rank 0: this node's address and a free port the group can meet at."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
         backend = "nccl" if self.device == "cuda" else "gloo"
