@@ -53,7 +53,8 @@ def train(cfg: DictConfig) -> dict:
 
 def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
     start, version, env_steps = resume(cfg, w, logger)
-    version = push_weights(w, version + 1)  # rollout workers start from the learners' weights
+    # Rollout workers start from the learners' weights; a resumed run keeps its checkpointed version.
+    version = push_weights(w, version if start else version + 1)
     if start == 0:
         version = initial_report(cfg, w, logger, version)
     timer, metrics = Timer(), {}

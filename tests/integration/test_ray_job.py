@@ -1,10 +1,11 @@
 """`ray job submit -- python -m vlarl.main ...` against a real `ray start --head` cluster.
 
-The head is this test's own: free ports for everything with a fixed default, its own temp dir (so
-/tmp/ray/ray_current_cluster is not written and no other `ray.init()` on the machine joins it), and
-`--block`, so SIGTERM to the `ray start` process we launched tears down exactly the processes it
-started. `ray stop` is not used: it kills every Ray process of the user by name, including the
-in-process cluster of conftest's `ray_local` and any other run on the machine.
+The head is this module's own: free ports for everything with a fixed default, its own temp dir
+(so /tmp/ray/ray_current_cluster is not written and no other `ray.init()` on the machine joins it;
+a process that should see it as "the" cluster gets RAY_TMPDIR pointing there), and `--block`, so
+SIGTERM to the `ray start` process we launched tears down exactly the processes it started.
+`ray stop` is not used: it kills every Ray process of the user by name, including the in-process
+cluster of conftest's `ray_local` and any other run on the machine.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def ray_cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedP
                           timeout=timeout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """(client env for `ray job ...`, the head's temp dir); the head is stopped afterwards."""
-    # Short: Ray's unix socket paths under <temp>/session_*/sockets must stay below 108 bytes.
+    """(client env for `ray job ...`, T) for a head whose temp dir is T/ray, i.e. what Ray's default
+    /tmp/ray is to a process with RAY_TMPDIR=T; the head is stopped afterwards."""
+    # Short: Ray's unix socket paths under T/ray/session_*/sockets must stay below 108 bytes.
     temp = tempfile.mkdtemp(prefix="vlr", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # The job's entrypoint `python` is looked up on the head's PATH: make it the virtualenv's.
@@ -55,7 +57,7 @@ def ray_head():
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--port={free_port()}", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-         "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={temp}"],
+         "--num-cpus=3", "--disable-usage-stats", f"--temp-dir={temp}/ray"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = dict(env, RAY_AUTH_MODE="token", RAY_ADDRESS=f"http://127.0.0.1:{dash}")
     try:
@@ -81,8 +83,14 @@ def ray_head():
 
 
 def job_status(job_id: str, env: dict) -> str:
+    """SUCCEEDED, FAILED, STOPPED, PENDING, RUNNING, or UNKNOWN if the CLI said nothing we know."""
     out = ray_cli("job", "status", job_id, env=env)
-    match = re.search(r"Status for job '[^']+': (\w+)", out.stdout + out.stderr)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # the CLI colours even into a pipe
+    for pattern, status in ((r"Job '\S+' succeeded", "SUCCEEDED"), (r"Job '\S+' failed", "FAILED"),
+                            (r"Job '\S+' was stopped", "STOPPED")):
+        if re.search(pattern, text):
+            return status
+    match = re.search(r"Status for job '\S+': (?:JobStatus\.)?(\w+)", text)
     return match.group(1) if match else "UNKNOWN"
 
 
@@ -92,7 +100,7 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
     submit = ray_cli("job", "submit", "--working-dir", ".", "--no-wait", "--", "python", "-m", "vlarl.main",
                      "trainer.iterations=1", f"trainer.run_dir={run_dir}", "rollout.num_envs=16",
                      "rollout.eval_every=0", env=env, timeout=120)
-    text = submit.stdout + submit.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", submit.stdout + submit.stderr)
     assert submit.returncode == 0, text
     job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", text).group(1)
     package = re.search(r"gcs://(_ray_pkg_\w+)\.zip", text).group(1)
@@ -111,10 +119,23 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
     assert (run_dir / "checkpoints" / "step_000001" / "model.safetensors").is_file()
 
     # The working dir went up without .venv/ and runs/ (.gitignore is honoured): a few hundred KB.
-    unpacked = list(temp.glob(f"session_*/runtime_resources/working_dir_files/{package}"))
+    unpacked = list({p.resolve() for p in temp.glob(f"ray/session_*/runtime_resources/working_dir_files/{package}")})
     assert len(unpacked) == 1, f"no unpacked {package} under {temp}"
     files = [p for p in unpacked[0].rglob("*") if p.is_file()]
     assert (unpacked[0] / "vlarl" / "main.py").is_file()
     assert not (unpacked[0] / ".venv").exists() and not (unpacked[0] / "runs").exists()
     size = sum(p.stat().st_size for p in files)
     assert size < 5 * 2**20, f"the uploaded working dir is {size / 2**20:.1f} MiB"
+
+
+def test_plain_run_starts_its_own_cluster_beside_a_ray_start_head(ray_head, tmp_path):
+    """DESIGN: plain `python -m vlarl.main` starts a local Ray; with cluster.address null and no
+    RAY_ADDRESS it must do so even while a `ray start` head (README's recipe) runs on the machine."""
+    env, temp = ray_head
+    env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["RAY_TMPDIR"] = str(temp)  # this process's /tmp/ray is the head's temp dir
+    proc = subprocess.run([sys.executable, "-m", "vlarl.main", "trainer.iterations=1", f"trainer.run_dir={tmp_path}",
+                           "rollout.num_envs=16", "rollout.eval_every=0", "cluster.dashboard=false"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").is_file()

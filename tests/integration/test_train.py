@@ -140,4 +140,4 @@ def test_cli_bad_model_path_stops_before_ray():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "model.path" in lines[0]
-    assert "Ray" not in proc.stdout + proc.stderr  # stopped before any cluster started
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # stopped before any cluster
