@@ -24,12 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vlarl.config import load_config  # noqa: E402
 from vlarl.envs.base import ACTION_DIM, held_out_episodes, make_env  # noqa: E402
 
-PRESETS = {  # shared by the benchmark and the CI learning test
-    "ppo": ["algo=ppo", "trainer.bc_warmup_steps=1200", "trainer.iterations=40", "rollout.eval_every=5",
-            "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"],
-    "grpo": ["algo=grpo", "trainer.bc_warmup_steps=1200", "trainer.iterations=40", "rollout.eval_every=5",
-             "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"],
-}
+COMMON = ["trainer.bc_warmup_steps=2500", "trainer.iterations=100", "rollout.eval_every=10",
+          "rollout.eval_episodes=256", "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"]
+PRESETS = {"ppo": ["algo=ppo", *COMMON], "grpo": ["algo=grpo", *COMMON]}
 
 
 def baselines(cfg, episodes: int, seed: int = 0) -> dict:
@@ -55,8 +52,11 @@ def baselines(cfg, episodes: int, seed: int = 0) -> dict:
 
 
 def run(algo: str, overrides: list[str], run_dir: Path) -> dict:
+    import shutil
+
     from vlarl.trainer import train
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark always starts from nothing
     cfg = load_config([*PRESETS[algo], *overrides, f"trainer.run_dir={run_dir}", "trainer.resume=false",
                        "cluster.dashboard=false"])
     start = time.time()

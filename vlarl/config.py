@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgoConfig:
-    name: str = "ppo"  # ppo (GAE + critic) or grpo (group-normalised returns, no critic)
+    name: str = "ppo"  # ppo (GAE + critic) or grpo (group-normalised returns); must agree with `advantage`
     advantage: str = "gae"  # advantage estimator: gae | grpo
     gamma: float = 0.99  # discount
     lam: float = 0.95  # GAE lambda
@@ -142,7 +142,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "cluster.device": ("cpu", "cuda"),
     "rollout.engine": ("hf", "vllm"),
 }
-POSITIVE = ("trainer.iterations", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
+POSITIVE = ("trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "rollout.temperature", "trainer.save_every")
 
@@ -151,12 +151,19 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _check_conf_dir() -> None:
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise ConfigError(f"{CONF_DIR} is missing; vlarl reads its conf/ folder from the source tree, "
+                          "so install it with `pip install -e .` from a checkout.")
+
+
 def _yaml(path: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
 def load_config(argv: list[str]) -> DictConfig:
     """Compose conf/ with `group=option` and `dotted.key=value` arguments and validate."""
+    _check_conf_dir()
     base = _yaml(CONF_DIR / "config.yaml")
     choices = {}
     for item in base.get("defaults", []):
@@ -227,6 +234,17 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
+    if cfg.algo.advantage != {"ppo": "gae", "grpo": "grpo"}[cfg.algo.name]:
+        raise ConfigError(f"algo.name={cfg.algo.name} needs algo.advantage="
+                          f"{ {'ppo': 'gae', 'grpo': 'grpo'}[cfg.algo.name]}; pick the algorithm with algo=ppo or algo=grpo.")
+    if cfg.trainer.curriculum_floor * cfg.env.num_tasks > 1:
+        raise ConfigError(f"trainer.curriculum_floor x env.num_tasks must be <= 1, got "
+                          f"{cfg.trainer.curriculum_floor} x {cfg.env.num_tasks}; lower trainer.curriculum_floor.")
+    if cfg.trainer.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("trainer.wandb=true needs the wandb package: pip install 'vlarl[wandb]'.") from None
     if cfg.rollout.eval_every < 0:
         raise ConfigError(f"rollout.eval_every must be >= 0 (0 turns evaluation off), got {cfg.rollout.eval_every}.")
     if cfg.algo.advantage == "grpo" and cfg.algo.group_size < 2:
@@ -242,6 +260,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("rollout.engine=vllm is not available in this build yet; use rollout.engine=hf.")
     if cfg.env.name != "toy":
         raise ConfigError(f"env={cfg.env.name} is not available in this build yet; use env=toy.")
+    from vlarl.envs.base import make_env
+
+    try:  # the environment's own constraints (e.g. the toy's block layout), checked before any actor starts
+        make_env(cfg.env, 1, cfg.trainer.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def help_text() -> str:

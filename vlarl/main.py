@@ -20,9 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from vlarl.trainer import train
+    from vlarl.trainer import SetupError, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except SetupError as e:
+        print(f"vlarl: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

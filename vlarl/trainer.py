@@ -25,6 +25,10 @@ from vlarl.workers.learner import LearnerWorker
 from vlarl.workers.rollout import RolloutWorker
 
 
+class SetupError(RuntimeError):
+    """The run directory or the cluster cannot be used as asked; the message says what to do."""
+
+
 @dataclass
 class Workers:
     rollout: list  # RolloutWorker actor handles
@@ -37,6 +41,9 @@ class Workers:
 def train(cfg: DictConfig) -> dict:
     """Run `cfg.trainer.iterations` iterations (resuming from run_dir when possible); returns the last metrics."""
     run_dir = Path(cfg.trainer.run_dir).resolve()
+    if not cfg.trainer.resume and any((run_dir / p).exists() for p in ("checkpoints", "best_return", "metrics.jsonl")):
+        raise SetupError(f"trainer.resume=false but {run_dir} already holds a run; choose a new trainer.run_dir "
+                          "or delete that folder (nothing there was touched).")
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     w = start_workers(cfg, prepare_model(cfg, run_dir), run_dir)
@@ -63,13 +70,14 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
         with timer("collect"):
             batch = collect(cfg, w, it, version)
         with timer("update"):
-            metrics = mean_over_ranks(ray.get([l.update.remote(batch, it) for l in w.learners]))
+            batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
+            metrics = mean_over_ranks(ray.get([l.update.remote(batch_ref, it) for l in w.learners]))
         with timer("sync"):
             version = push_weights(w, version + 1)
         w.curriculum.report.remote(batch.task_ids.tolist(), batch.success.astype(float).tolist())
         if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
             with timer("eval"):
-                metrics["eval/success_rate"] = evaluate(cfg, w, it)
+                metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
         env_steps += int(batch.lengths.sum())
         metrics.update(rollout_metrics(batch), **ray.get(w.curriculum.stats.remote()))
         metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
@@ -117,6 +125,10 @@ def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
 def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
     gpu = 1 if c.device == "cuda" else 0
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpu and have < c.num_rollout_workers + c.num_learners:
+        raise SetupError(f"cluster.device=cuda needs {c.num_rollout_workers + c.num_learners} GPUs (one per rollout "
+                         f"worker and learner rank) but the Ray cluster has {have:g}; use cluster.device=cpu or add GPUs.")
     per_worker = cfg.rollout.num_envs // c.num_rollout_workers
     rollout = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu, max_restarts=3,
                                                  max_task_retries=1)
@@ -134,8 +146,12 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
 
 
 def stop_workers(w: Workers) -> None:
-    """Release the actors (and the learners' process group) so the cluster is free for the next job."""
-    ray.get([l.shutdown.remote() for l in w.learners])
+    """Release the actors (and the learners' process group) so the cluster is free for the next job.
+    Never raises: on the way out of a failure the original error is the one worth seeing."""
+    try:
+        ray.get([l.shutdown.remote() for l in w.learners], timeout=30)
+    except Exception:  # a dead or stuck rank: killing the actors below frees it anyway
+        pass
     for actor in [*w.rollout, *w.learners, w.curriculum, w.checkpoint]:
         ray.kill(actor)
 
@@ -147,7 +163,8 @@ def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int
     if path is None:
         return 0, 0, 0
     state = ray.get(w.checkpoint.load.remote(path))
-    ray.get([l.load_full_state.remote(state["model_state"], state["optimizer_state"]) for l in w.learners])
+    weights, optim = ray.put(state["model_state"]), ray.put(state["optimizer_state"])  # one copy for all ranks
+    ray.get([l.load_full_state.remote(weights, optim) for l in w.learners])
     ray.get(w.curriculum.load_state_dict.remote(state["curriculum_state"]))
     ray.get(w.checkpoint.load_ema_state.remote(state["ema_state"]))
     ts = state["trainer_state"]
@@ -157,18 +174,22 @@ def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int
 
 # ---- the phases ---------------------------------------------------------------------------------
 def collect(cfg: DictConfig, w: Workers, iteration: int, version: int) -> TrajectoryBatch:
-    """One episode per environment from curriculum-chosen (task, init state) groups, split over workers.
-    A worker that Ray restarted comes back with old weights: re-send them and collect again."""
+    """One episode per environment from curriculum-chosen (task, init state) groups, split over workers."""
     g = cfg.algo.group_size
     tasks, inits = ray.get(w.curriculum.sample.remote(iteration, cfg.rollout.num_envs // g, g))
     groups = np.repeat(np.arange(cfg.rollout.num_envs // g), g)
     parts = np.array_split(np.arange(cfg.rollout.num_envs), len(w.rollout))
+    jobs = [([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist()) for p in parts]
+    return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration, greedy=False), group_offset=False)
+
+
+def run_episodes(w: Workers, version: int, jobs: list, seed_iteration: int, greedy: bool) -> list[TrajectoryBatch]:
+    """jobs[i] = (tasks, inits, groups) for rollout worker i. A worker that Ray restarted comes back
+    with its starting weights: re-send the current ones and run the episodes again."""
     for _ in range(2):
-        refs = [r.collect.remote([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist(), iteration)
-                for r, p in zip(w.rollout, parts)]
-        batches = ray.get(refs)
+        batches = ray.get([r.collect.remote(*job, seed_iteration, greedy=greedy) for r, job in zip(w.rollout, jobs)])
         if all(b.weights_version == version for b in batches):
-            return TrajectoryBatch.concat(batches, group_offset=False)
+            return batches
         push_weights(w, version)
     raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")
 
@@ -179,19 +200,19 @@ def push_weights(w: Workers, version: int) -> int:
     return version
 
 
-def evaluate(cfg: DictConfig, w: Workers, iteration: int) -> float:
+def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int) -> float:
     """Greedy success over rollout.eval_episodes held-out episodes (rounded up to whole batches)."""
     probe = ray.get(w.rollout[0].env_shape.remote())
     per_worker = cfg.rollout.num_envs // len(w.rollout)
     rounds = max(1, -(-cfg.rollout.eval_episodes // cfg.rollout.num_envs))
     successes = []
     for r in range(rounds):
-        refs = []
-        for i, worker in enumerate(w.rollout):
-            start = (r * len(w.rollout) + i) * per_worker
-            tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"], start, per_worker)
-            refs.append(worker.collect.remote(tasks, inits, list(range(per_worker)), 10**6 + r, greedy=True))
-        successes += [b.success for b in ray.get(refs)]
+        jobs = []
+        for i in range(len(w.rollout)):
+            tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"],
+                                             (r * len(w.rollout) + i) * per_worker, per_worker)
+            jobs.append((tasks, inits, list(range(per_worker))))
+        successes += [b.success for b in run_episodes(w, version, jobs, 10**6 + r, greedy=True)]
     return float(np.concatenate(successes).mean())
 
 
@@ -200,12 +221,12 @@ def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: 
     logged as iteration -1 so the gain RL brings stays visible. Returns the weights version."""
     metrics = {}
     if cfg.rollout.eval_every:
-        metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1)
+        metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1, version)
     if cfg.trainer.bc_warmup_steps > 0:
         metrics.update(warm_start(cfg, w))
         version = push_weights(w, version + 1)
         if cfg.rollout.eval_every:
-            metrics["eval/success_rate"] = evaluate(cfg, w, -1)
+            metrics["eval/success_rate"] = evaluate(cfg, w, -1, version)
     if metrics:
         logger.record(-1, metrics)
         logger.info("vlarl: before RL: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -237,7 +258,7 @@ def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, curr
     model_ref, optim_ref = pairs[0]
     ray.get([p[0] for p in pairs[1:]])  # the other ranks only join the gather
     trainer_state = {"iteration": it + 1, "weights_version": version, "env_steps": env_steps,
-                     "seed": cfg.trainer.seed, "rng": "derived from (seed, iteration) in every actor"}
+                     "seed": cfg.trainer.seed}  # every actor derives its randomness from (seed, iteration)
     curriculum_state = w.curriculum.state_dict.remote()
     ray.get(w.checkpoint.update_best.remote(it + 1, current_return, model_ref, optim_ref, trainer_state, curriculum_state))
     ray.get(w.checkpoint.save.remote(it + 1, model_ref, optim_ref, trainer_state, curriculum_state))

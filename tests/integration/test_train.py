@@ -132,6 +132,21 @@ def test_grpo_one_iteration(ray_local, tmp_path):
     assert (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").is_file()
 
 
+def test_lora_run_pushes_merged_weights(ray_local, tmp_path):
+    """With LoRA the learner trains adapters; the push merges them, so the rollout engine (a plain
+    model, strict about names) takes the weights and its log-probs match the learner's."""
+    run(tmp_path, 2, "model.lora_rank=4")
+    row = metric_rows(tmp_path)[1]  # collected with the merged weights pushed after update 1
+    assert row["rollout/weights_version"] == 3
+    assert row["rollout/logprob_abs_diff"] < 1e-3
+    state = load_file(tmp_path / "checkpoints" / "step_000002" / "model.safetensors")
+    assert any(".lora_A." in k for k in state) and any(".lora_B." in k for k in state)
+    base = load_file(tmp_path / "base_model" / "model.safetensors")
+    frozen = "language_model.model.layers.0.self_attn.q_proj"
+    assert torch.equal(state[f"{frozen}.base_layer.weight"], base[f"{frozen}.weight"])  # base weights frozen
+    assert max(state[k].abs().max().item() for k in state if ".lora_B." in k) > 0  # adapters moved
+
+
 def test_cli_bad_model_path_stops_before_ray():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "vlarl.main", "model.path=/nonexistent"], cwd=REPO, env=env,

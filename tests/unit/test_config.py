@@ -49,12 +49,12 @@ def test_algo_grpo_group():
 
 def test_dotted_overrides_parse_types():
     cfg = load_config(["trainer.iterations=7", "algo.gamma=0.5", "algo.tis_cap=2", "trainer.resume=false",
-                       "trainer.wandb=true", "model.path=null", "trainer.run_dir=/tmp/x=y",
+                       "cluster.dashboard=false", "model.path=null", "trainer.run_dir=/tmp/x=y",
                        "model.tiny.hidden=32", "cluster.cpus_per_learner=2"])
     assert cfg.trainer.iterations == 7 and type(cfg.trainer.iterations) is int
     assert cfg.algo.gamma == 0.5 and type(cfg.algo.gamma) is float
     assert cfg.algo.tis_cap == 2.0 and type(cfg.algo.tis_cap) is float  # int promoted for a float field
-    assert cfg.trainer.resume is False and cfg.trainer.wandb is True
+    assert cfg.trainer.resume is False and cfg.cluster.dashboard is False
     assert cfg.model.path is None
     assert cfg.trainer.run_dir == "/tmp/x=y"  # only the first '=' splits
     assert cfg.model.tiny.hidden == 32
@@ -102,7 +102,7 @@ def test_config_is_read_only():
     (["cluster.num_rollout_workers=0"], "cluster.num_rollout_workers"),
     (["trainer.iterations"], "trainer.iterations"),
     (["algo=grpo", "algo.group_size=1"], "algo.group_size"),
-    (["algo.advantage=grpo"], "algo.group_size"),
+    (["algo.advantage=grpo"], "algo.advantage"),
     (["algo=grpo", "rollout.num_envs=12"], "rollout.num_envs"),
     (["cluster.num_rollout_workers=3"], "rollout.num_envs"),
 ])
@@ -177,3 +177,16 @@ def test_bad_type_exits_2_without_traceback():
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "trainer.iterations" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_without_the_package_is_refused_at_start():
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        assert "pip install" in config_error(["trainer.wandb=true"])
+    else:
+        assert load_config(["trainer.wandb=true"]).trainer.wandb is True
+
+
+def test_algorithm_name_and_estimator_must_agree():
+    assert "algo.advantage" in config_error(["algo.name=grpo"])

@@ -49,8 +49,8 @@ class ToyEnv:
     def __init__(self, num_envs: int, spec: ToySpec = ToySpec(), seed: int = 0):
         if not 2 <= spec.num_blocks <= spec.num_colours <= len(COLOURS):
             raise ValueError(
-                f"toy env needs 2 <= num_blocks ({spec.num_blocks}) <= num_colours "
-                f"({spec.num_colours}) <= {len(COLOURS)}; change env.num_blocks or env.num_colours."
+                f"toy env needs 2 <= env.num_blocks ({spec.num_blocks}) <= env.num_tasks "
+                f"({spec.num_colours}) <= {len(COLOURS)}; change env.num_blocks or env.num_tasks."
             )
         if not 0 < spec.success_radius < 0.5 / spec.grid:
             raise ValueError(f"env.success_radius ({spec.success_radius}) must lie in (0, {0.5 / spec.grid:g}) so "

@@ -1,7 +1,8 @@
 """Continuous actions <-> tokens: 256 uniform bins over [-1, 1] at the tail of the vocabulary.
 
-Convention (OpenVLA's layout, ids increasing with the action value): bin b in [0, 256) is token
-`vocab_size - 256 + b` and stands for the bin centre -1 + (2b + 1) / 256. Environment actions are
+Convention: bin b in [0, 256) is token `vocab_size - 256 + b` (ids increase with the action value)
+and stands for the bin centre -1 + (2b + 1) / 256. OpenVLA uses the same tail but counts down from
+the last id; loading real OpenVLA checkpoints needs that mapping flipped. Environment actions are
 normalised to [-1, 1] with per-dataset q01/q99 statistics before binning; dimensions whose `mask`
 entry is False (OpenVLA leaves the gripper alone) pass through unnormalised but are still clipped.
 """

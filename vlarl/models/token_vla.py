@@ -18,6 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from vlarl.algo.losses import entropy_from_logits
 from vlarl.models.action_tokenizer import NUM_BINS
 
 
@@ -122,7 +123,7 @@ class TokenVLA(PreTrainedModel):
         logp_all = F.log_softmax(logits, -1)
         bins = (action_tokens - self.first_bin_id).long()
         logprobs = logp_all.gather(-1, bins[..., None])[..., 0]
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = entropy_from_logits(logits)
         last_prefix = out.hidden_states[-1][:, embeds.shape[1] - 1]  # (B, E)
         values = self.value_head(last_prefix)[:, 0].float()
         # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.

@@ -62,6 +62,7 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, obs: dict, temperature: float, greedy: bool = False,
                  generator: torch.Generator | None = None) -> ActionOutput:
+        """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> ActionOutput"""
         m = self.model
         embeds, mask, positions = m.prefix(*self.model_inputs(obs))
         out = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -73,7 +74,8 @@ class HFEngine:
             if greedy:
                 bins = logp.argmax(-1)
             else:
-                bins = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+                # Sample on the CPU: one seeded CPU generator gives the same draws on any device.
+                bins = torch.multinomial(logp.exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
             tokens.append(bins + m.first_bin_id)
             logprobs.append(logp.gather(-1, bins[:, None]).squeeze(-1))
             if d + 1 == m.config.action_dim:

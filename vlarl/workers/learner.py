@@ -79,7 +79,6 @@ class LearnerWorker:
         a = self.cfg.algo
         self.optimizer = torch.optim.AdamW([{"params": actor, "lr": a.actor_lr}, {"params": critic, "lr": a.critic_lr}],
                                            weight_decay=0.0)
-        self.critic_params = critic
         return sum(p.numel() for p in model.parameters())
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -239,7 +238,7 @@ class LearnerWorker:
         state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
         ref = ray.put(state)
         ray.get([w.load_weights.remote(ref, version) for w in rollout_workers])
-        return float(sum(v.numel() * v.element_size() for v in state.values())) / 1e9
+        return float(sum(v.numel() * v.element_size() for v in state.values())) / 1e9  # GB pushed
 
     def checkpoint_state(self):
         """Collective: (model_state, optimizer_state) for the CheckpointActor, filled on rank 0."""

@@ -35,9 +35,6 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
-    def get_weights_version(self) -> int:
-        return self.weights_version
-
     def env_shape(self) -> dict:
         """What the driver needs to plan episodes: task and init-state counts, step limit."""
         e = self.env
