@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def test_greedy_success_rises(ray_local, tmp_path):
     cfg = load_config([f"trainer.run_dir={tmp_path}", "trainer.bc_warmup_steps=1500", "trainer.iterations=4",
-                       "rollout.eval_every=4", "rollout.eval_episodes=128", "rollout.num_envs=64",
+                       "rollout.eval_every=4", "rollout.eval_episodes=256", "rollout.num_envs=64",
                        "algo.actor_lr=3e-4", "cluster.dashboard=false", "cluster.torch_threads=2"])
     final = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -27,4 +27,4 @@ def test_greedy_success_rises(ray_local, tmp_path):
     initial = before["eval/initial_success_rate"]
     assert initial <= 0.30, f"the untrained policy should be near chance, got {initial}"
     assert before["bc/loss_last"] < 0.5 * before["bc/loss_first"]
-    assert final["eval/success_rate"] >= initial + 0.15, (initial, before["eval/success_rate"], final["eval/success_rate"])
+    assert final["eval/success_rate"] >= initial + 0.10, (initial, before["eval/success_rate"], final["eval/success_rate"])
