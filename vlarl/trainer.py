@@ -64,6 +64,9 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
     version = push_weights(w, version if start else version + 1)
     if start == 0:
         version = initial_report(cfg, w, logger, version)
+    elif start >= cfg.trainer.iterations:
+        logger.info(f"vlarl: {cfg.trainer.run_dir} already finished {start} iterations; raise trainer.iterations "
+                    "to continue it, or choose a new trainer.run_dir.")
     timer, metrics = Timer(), {}
     logger.start_clock()
     for it in range(start, cfg.trainer.iterations):
