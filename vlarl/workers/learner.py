@@ -77,8 +77,9 @@ class LearnerWorker:
         critic = [p for n, p in model.named_parameters() if n.startswith("value_head")]
         actor = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("value_head")]
         a = self.cfg.algo
+        # foreach=True: one fused update per group; the per-tensor default costs 4x on FSDP's DTensors.
         self.optimizer = torch.optim.AdamW([{"params": actor, "lr": a.actor_lr}, {"params": critic, "lr": a.critic_lr}],
-                                           weight_decay=0.0)
+                                           weight_decay=0.0, foreach=True)
         return sum(p.numel() for p in model.parameters())
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -194,7 +195,8 @@ class LearnerWorker:
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
         tokens = batch.action_tokens[ep, t]
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                                foreach=True)
         rng = np.random.default_rng((self.cfg.trainer.seed, 2**31))  # a stream no iteration uses
         losses = []
         self.model.train()
