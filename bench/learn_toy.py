@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vlarl.config import load_config  # noqa: E402
 from vlarl.envs.base import ACTION_DIM, held_out_episodes, make_env  # noqa: E402
 
-COMMON = ["trainer.bc_warmup_steps=4000", "trainer.iterations=60", "rollout.eval_every=10",
+COMMON = ["env=toy", "trainer.bc_warmup_steps=4000", "trainer.iterations=60", "rollout.eval_every=10",
           "rollout.eval_episodes=256", "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"]
 PRESETS = {"ppo": ["algo=ppo", *COMMON], "grpo": ["algo=grpo", *COMMON]}
 
@@ -32,7 +32,7 @@ PRESETS = {"ppo": ["algo=ppo", *COMMON], "grpo": ["algo=grpo", *COMMON]}
 def baselines(cfg, episodes: int, seed: int = 0) -> dict:
     """Success of a uniform random policy and of a go-to-a-random-block policy on the eval episodes."""
     env = make_env(cfg.env, episodes, cfg.trainer.seed)
-    tasks, inits = held_out_episodes(env.num_tasks, env.num_init_states, 0, episodes)
+    tasks, inits = held_out_episodes(env.num_tasks, env.num_init_states, env.num_held_out_states, 0, episodes)
     rng = np.random.default_rng(seed)
     out = {}
     for name in ("uniform_random", "random_block"):
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--run-root", default="runs/bench_learn_toy")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = parser.parse_args()
-    cfg = load_config(args.overrides)
+    cfg = load_config([*COMMON, *args.overrides])
     report = {"task": "toy", "baselines": baselines(cfg, cfg.rollout.eval_episodes), "runs": {}}
     for algo in args.algos:
         report["runs"][algo] = run(algo, args.overrides, Path(args.run_root).resolve() / algo)

@@ -3,5 +3,5 @@
 #   bash launch/run.sh algo=grpo trainer.iterations=20
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh libero
 exec .venv/bin/python -m vlarl.main "$@"

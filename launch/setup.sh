@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install vlarl with what the given extras need. Idempotent.
-# Usage: bash launch/setup.sh [extras]   e.g. bash launch/setup.sh dev
+# Usage: bash launch/setup.sh [extras]   e.g. bash launch/setup.sh dev,libero
+# With the libero extra it also makes sure OSMesa (CPU rendering) is there: apt-get as root, else a hint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -14,4 +15,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   spec="."; [ -n "$extras" ] && spec=".[${extras}]"
   .venv/bin/python -m pip install -q -e "$spec"
   touch "$stamp"
+fi
+if [[ ",$extras," == *,libero,* ]] && ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "vlarl: installing libosmesa6 (OpenGL on the CPU for LIBERO's cameras)..."
+    (apt-get install -y -qq libosmesa6 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libosmesa6; }) \
+      || echo "vlarl: apt-get could not install libosmesa6; LIBERO will need EGL (an NVIDIA GPU) to render." >&2
+  else
+    echo "vlarl: LIBERO renders on the CPU with OSMesa: run 'sudo apt-get install -y libosmesa6' (not needed with an NVIDIA GPU)." >&2
+  fi
 fi

@@ -73,14 +73,23 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = "toy"  # toy | libero_spatial | libero_object | libero_goal | libero_10 | libero_90
-    num_tasks: int = 4  # toy: number of target colours (one task each)
+    num_tasks: int = 4  # toy: target colours; LIBERO: the suite's first num_tasks tasks
     num_blocks: int = 3  # toy: blocks per episode
     grid: int = 4  # toy: board cells per side
     image_size: int = 16  # image side fed to the model
-    max_steps: int = 10  # episode step limit (truncation)
+    max_steps: int = 10  # episode limit in environment steps (truncation); LIBERO suites: 220/280/300/520/400
     max_move: float = 0.25  # toy: effector displacement per step at |action| = 1
     success_radius: float = 0.09  # toy: distance that counts as reaching a block
-    num_init_states: int = 10000  # init states per task (LIBERO has 50; the toy can draw many layouts)
+    num_init_states: int = 10000  # training init states per task; later ids are held out for evaluation (LIBERO: of 50)
+    action_chunk: int = 1  # LIBERO: actions executed per policy call (the model emits 7 x this values)
+    camera_size: int = 128  # LIBERO: rendered camera side in pixels; evaluation videos use it
+    settle_steps: int = 10  # LIBERO: no-op steps after placing an init state, before the policy acts
+    wrist_camera: bool = False  # LIBERO: also render the wrist camera (obs["wrist_image"])
+    invert_gripper: bool = False  # LIBERO: the policy's gripper uses +1 = open (OpenVLA's data); robosuite's is -1 = open
+    step_timeout: float = 60.0  # LIBERO: seconds a simulator may take per policy step before it is restarted
+    reset_timeout: float = 300.0  # LIBERO: seconds for a reset, building the scene included
+    sim_cache: int = 4  # LIBERO: built task scenes kept per simulator process
+    render: str = "auto"  # LIBERO: OpenGL backend auto | egl | osmesa (auto: EGL with an NVIDIA GPU, else OSMesa)
 
 
 @dataclass
@@ -103,6 +112,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature of action tokens
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
     eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
+    eval_videos: int = 2  # evaluation episodes saved as MP4 under run_dir/eval/ each time; 0 = none
 
 
 @dataclass
@@ -141,10 +151,12 @@ CHOICES = {  # closed vocabularies checked after composition
     "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),
     "rollout.engine": ("hf", "vllm"),
+    "env.render": ("auto", "egl", "osmesa"),
 }
 POSITIVE = ("trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
-            "env.max_steps", "env.image_size", "rollout.temperature", "trainer.save_every")
+            "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
+            "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every")
 
 
 def group_options(group: str) -> list[str]:
@@ -258,14 +270,17 @@ def validate(cfg: DictConfig) -> None:
                           "point it at a folder written by vlarl or leave it null to build the tiny model.")
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine=vllm is not available in this build yet; use rollout.engine=hf.")
-    if cfg.env.name != "toy":
-        raise ConfigError(f"env={cfg.env.name} is not available in this build yet; use env=toy.")
+    if cfg.env.settle_steps < 0:
+        raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
     from vlarl.envs.base import make_env
 
     try:  # the environment's own constraints (e.g. the toy's block layout), checked before any actor starts
         make_env(cfg.env, 1, cfg.trainer.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except ImportError as e:
+        raise ConfigError(f"env={cfg.env.name} needs the LIBERO simulator ({e.name} is not installed): "
+                          "bash launch/setup.sh libero, or pip install 'vlarl[libero]'.") from None
 
 
 def help_text() -> str:

@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.trainer.resume and any((run_dir / p).exists() for p in ("checkpoints", "best_return", "metrics.jsonl")):
         raise SetupError(f"trainer.resume=false but {run_dir} already holds a run; choose a new trainer.run_dir "
                           "or delete that folder (nothing there was touched).")
+    check_renderer(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     w = start_workers(cfg, prepare_model(cfg, run_dir), run_dir)
@@ -83,6 +84,7 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
                 metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
         env_steps += int(batch.lengths.sum())
         metrics.update(rollout_metrics(batch), **ray.get(w.curriculum.stats.remote()))
+        metrics["env/restarts"] = batch.env_restarts
         metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
         if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
             with timer("checkpoint"):
@@ -108,6 +110,18 @@ def init_ray(cfg: DictConfig) -> None:
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def check_renderer(cfg: DictConfig) -> None:
+    """LIBERO cameras need OpenGL (EGL or OSMesa); find out before any actor starts."""
+    if cfg.env.name == "toy":
+        return
+    from vlarl.envs.libero import SimulatorError, render_backend
+
+    try:
+        render_backend(cfg.env.render)
+    except SimulatorError as e:
+        raise SetupError(str(e)) from None
+
+
 def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
     """The model folder every actor loads: model.path, or a tiny model built once into run_dir/base_model."""
     if cfg.model.path is not None:
@@ -118,7 +132,8 @@ def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
         from vlarl.models.factory import build_tiny_token_vla, save_model
 
         instructions = make_env(cfg.env, 1, cfg.trainer.seed).instructions()
-        model, tokenizer, stats = build_tiny_token_vla(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed)
+        model, tokenizer, stats = build_tiny_token_vla(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed,
+                                                       cfg.env.action_chunk)
         tmp = folder.with_name(f".tmp-base_model-{os.getpid()}")
         save_model(tmp, model, tokenizer, stats)
         os.replace(tmp, folder)
@@ -152,8 +167,8 @@ def stop_workers(w: Workers) -> None:
     """Release the actors (and the learners' process group) so the cluster is free for the next job.
     Never raises: on the way out of a failure the original error is the one worth seeing."""
     try:
-        ray.get([l.shutdown.remote() for l in w.learners], timeout=30)
-    except Exception:  # a dead or stuck rank: killing the actors below frees it anyway
+        ray.get([a.shutdown.remote() for a in [*w.learners, *w.rollout]], timeout=30)
+    except Exception:  # a dead or stuck actor: killing the actors below frees it anyway
         pass
     for actor in [*w.rollout, *w.learners, w.curriculum, w.checkpoint]:
         ray.kill(actor)
@@ -183,14 +198,14 @@ def collect(cfg: DictConfig, w: Workers, iteration: int, version: int) -> Trajec
     groups = np.repeat(np.arange(cfg.rollout.num_envs // g), g)
     parts = np.array_split(np.arange(cfg.rollout.num_envs), len(w.rollout))
     jobs = [([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist()) for p in parts]
-    return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration, greedy=False), group_offset=False)
+    return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration), group_offset=False)
 
 
-def run_episodes(w: Workers, version: int, jobs: list, seed_iteration: int, greedy: bool) -> list[TrajectoryBatch]:
+def run_episodes(w: Workers, version: int, jobs: list, iteration: int) -> list[TrajectoryBatch]:
     """jobs[i] = (tasks, inits, groups) for rollout worker i. A worker that Ray restarted comes back
     with its starting weights: re-send the current ones and run the episodes again."""
     for _ in range(2):
-        batches = ray.get([r.collect.remote(*job, seed_iteration, greedy=greedy) for r, job in zip(w.rollout, jobs)])
+        batches = ray.get([r.collect.remote(*job, iteration) for r, job in zip(w.rollout, jobs)])
         if all(b.weights_version == version for b in batches):
             return batches
         push_weights(w, version)
@@ -204,19 +219,21 @@ def push_weights(w: Workers, version: int) -> int:
 
 
 def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int) -> float:
-    """Greedy success over rollout.eval_episodes held-out episodes (rounded up to whole batches)."""
+    """Greedy success over rollout.eval_episodes held-out episodes; the per-task report and videos of
+    the first rollout.eval_videos episodes go to run_dir/eval/iter_NNNNNN/."""
+    from vlarl.eval import greedy_episodes, report, write_json, write_videos
+
     probe = ray.get(w.rollout[0].env_shape.remote())
-    per_worker = cfg.rollout.num_envs // len(w.rollout)
-    rounds = max(1, -(-cfg.rollout.eval_episodes // cfg.rollout.num_envs))
-    successes = []
-    for r in range(rounds):
-        jobs = []
-        for i in range(len(w.rollout)):
-            tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"],
-                                             (r * len(w.rollout) + i) * per_worker, per_worker)
-            jobs.append((tasks, inits, list(range(per_worker))))
-        successes += [b.success for b in run_episodes(w, version, jobs, 10**6 + r, greedy=True)]
-    return float(np.concatenate(successes).mean())
+    tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"], probe["num_held_out_states"], 0,
+                                     cfg.rollout.eval_episodes)
+    result = greedy_episodes(w.rollout, cfg.rollout.num_envs // len(w.rollout), list(zip(tasks, inits)),
+                             10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version,
+                             lambda: push_weights(w, version))
+    folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
+    rep = report(result, probe["instructions"], cfg.env.name)
+    rep["videos"] = write_videos(result, folder)
+    write_json(folder / "report.json", rep)
+    return rep["success_rate"]
 
 
 def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: int) -> int:

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     run = tmp_path_factory.mktemp("gpu")
-    cfg = load_config(["cluster.device=cuda", "rollout.num_envs=16", "algo.minibatch_size=32", "algo.epochs=1",
+    cfg = load_config(["env=toy", "cluster.device=cuda", "rollout.num_envs=16", "algo.minibatch_size=32", "algo.epochs=1",
                        f"trainer.run_dir={run}"])
     return cfg, prepare_model(cfg, Path(run))
 

@@ -42,7 +42,7 @@ def stop(learners: list) -> None:
 
 
 def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path):
-    cfg = load_config([f"trainer.run_dir={tmp_path}", "rollout.num_envs=16", "algo.epochs=1",
+    cfg = load_config(["env=toy", f"trainer.run_dir={tmp_path}", "rollout.num_envs=16", "algo.epochs=1",
                        "algo.minibatch_size=32", "rollout.eval_every=0", "cluster.dashboard=false"])
     plain = OmegaConf.to_container(cfg, resolve=True)
     instructions = make_env(cfg.env, 1, cfg.trainer.seed).instructions()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_greedy_success_rises(ray_local, tmp_path):
-    cfg = load_config([f"trainer.run_dir={tmp_path}", "trainer.bc_warmup_steps=1500", "trainer.iterations=4",
+    cfg = load_config(["env=toy", f"trainer.run_dir={tmp_path}", "trainer.bc_warmup_steps=1500", "trainer.iterations=4",
                        "rollout.eval_every=4", "rollout.eval_episodes=256", "rollout.num_envs=64",
                        "algo.actor_lr=3e-4", "cluster.dashboard=false", "cluster.torch_threads=2"])
     final = train(cfg)

@@ -97,7 +97,7 @@ def job_status(job_id: str, env: dict) -> str:
 def test_ray_job_submit_runs_training(ray_head, tmp_path):
     env, temp = ray_head
     run_dir = tmp_path / "run"
-    submit = ray_cli("job", "submit", "--working-dir", ".", "--no-wait", "--", "python", "-m", "vlarl.main",
+    submit = ray_cli("job", "submit", "--working-dir", ".", "--no-wait", "--", "python", "-m", "vlarl.main", "env=toy",
                      "trainer.iterations=1", f"trainer.run_dir={run_dir}", "rollout.num_envs=16",
                      "rollout.eval_every=0", env=env, timeout=120)
     text = re.sub(r"\x1b\[[0-9;]*m", "", submit.stdout + submit.stderr)
@@ -134,7 +134,7 @@ def test_plain_run_starts_its_own_cluster_beside_a_ray_start_head(ray_head, tmp_
     env, temp = ray_head
     env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_TMPDIR"] = str(temp)  # this process's /tmp/ray is the head's temp dir
-    proc = subprocess.run([sys.executable, "-m", "vlarl.main", "trainer.iterations=1", f"trainer.run_dir={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "vlarl.main", "env=toy", "trainer.iterations=1", f"trainer.run_dir={tmp_path}",
                            "rollout.num_envs=16", "rollout.eval_every=0", "cluster.dashboard=false"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -19,7 +19,7 @@ from vlarl.trainer import train
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["rollout.num_envs=16", "algo.minibatch_size=64", "algo.epochs=2", "rollout.eval_every=0",
+SMALL = ["env=toy", "rollout.num_envs=16", "algo.minibatch_size=64", "algo.epochs=2", "rollout.eval_every=0",
          "cluster.dashboard=false"]
 
 

@@ -24,10 +24,13 @@ def test_defaults_load():
     cfg = load_config([])
     assert cfg.algo.name == "ppo" and cfg.algo.advantage == "gae" and cfg.algo.group_size == 1
     assert cfg.model.name == "tiny_token" and cfg.model.path is None
-    assert cfg.env.name == "toy" and cfg.cluster.name == "local_cpu"
+    assert cfg.env.name == "libero_spatial" and cfg.cluster.name == "local_cpu"
+    assert cfg.env.max_steps == 220 and cfg.env.num_tasks == 10 and cfg.env.num_init_states == 40
+    assert cfg.rollout.num_envs == 2  # the default run is sized for a 2-core CPU machine
     assert cfg.rollout.engine == "hf"
     assert cfg.trainer.iterations == 2 and cfg.trainer.run_dir == "runs/default"  # from conf/config.yaml
-    assert list(cfg.defaults) == [{"algo": "ppo"}, {"model": "tiny_token"}, {"env": "toy"}, {"cluster": "local_cpu"}]
+    assert list(cfg.defaults) == [{"algo": "ppo"}, {"model": "tiny_token"}, {"env": "libero_spatial"},
+                                 {"cluster": "local_cpu"}]
 
 
 def test_group_options_are_the_yaml_files():
@@ -39,7 +42,7 @@ def test_group_options_are_the_yaml_files():
 
 
 def test_algo_grpo_group():
-    cfg = load_config(["algo=grpo"])
+    cfg = load_config(["algo=grpo", "rollout.num_envs=16"])
     assert cfg.algo.name == "grpo" and cfg.algo.advantage == "grpo"
     assert cfg.algo.group_size == 8
     assert cfg.algo.vf_coef == 0.0
@@ -87,7 +90,11 @@ def test_config_is_read_only():
     (["model.tiny.bogus=3"], "model.tiny.bogus"),
     (["bogus=1"], "bogus"),
     (["algo=xx"], "algo"),
-    (["env=libero_spatial"], "env"),
+    (["env=libero_99"], "env"),
+    (["env.num_tasks=11"], "env.num_tasks"),
+    (["env.num_init_states=50"], "env.num_init_states"),
+    (["env=toy", "env.action_chunk=2"], "env.action_chunk"),
+    (["algo=grpo"], "rollout.num_envs"),
     (["rollout.engine=xx"], "rollout.engine"),
     (["model.dtype=fp16"], "model.dtype"),
     (["cluster.device=tpu"], "cluster.device"),
@@ -154,9 +161,9 @@ def test_help_lists_groups_and_keys():
     assert proc.returncode == 0, proc.stderr
     for group in GROUPS:
         assert f"{group}=" in proc.stdout
-    for option in ("algo={grpo,ppo}", "env={toy}", "model={tiny_token}", "cluster={local_cpu}"):
+    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={tiny_token}", "cluster={local_cpu}"):
         assert option in proc.stdout
-    for key in ("trainer.iterations=2", "rollout.num_envs=64", "algo.group_size=1", "model.tiny.hidden=",
+    for key in ("trainer.iterations=2", "rollout.num_envs=2", "algo.group_size=1", "model.tiny.hidden=",
                 "model.path=null", "env.max_steps=", "cluster.device=cpu"):
         assert key in proc.stdout
     assert proc.stdout.strip() == help_text().strip()

@@ -29,6 +29,7 @@ class TrajectoryBatch:
     terminated: np.ndarray  # (N, T) bool: last step and ended by the task (no bootstrap)
     success: np.ndarray  # (N,) bool
     weights_version: int = 0  # version of the weights that generated the batch
+    env_restarts: int = 0  # simulators restarted while collecting (their episodes end truncated)
 
     @property
     def num_episodes(self) -> int:
@@ -54,7 +55,7 @@ class TrajectoryBatch:
             pad = t_max - b.mask.shape[1]
             for f in fields(cls):
                 v = getattr(b, f.name)
-                if f.name in ("weights_version", "instructions"):
+                if f.name in ("weights_version", "instructions", "env_restarts"):
                     parts[f.name].append(v)
                     continue
                 if f.name == "group_ids" and group_offset:
@@ -66,6 +67,8 @@ class TrajectoryBatch:
         for name, vs in parts.items():
             if name == "weights_version":
                 out[name] = min(vs)
+            elif name == "env_restarts":
+                out[name] = sum(vs)
             elif name == "instructions":
                 out[name] = [s for v in vs for s in v]
             else:
@@ -79,3 +82,16 @@ class TrajectoryBatch:
     def last_obs_steps(self) -> np.ndarray:
         """(N,) column of the observation after each episode's last step"""
         return self.lengths
+
+
+@dataclass
+class EvalEpisodes:
+    """Outcome of greedy evaluation episodes, with videos of the recorded ones."""
+    task_ids: np.ndarray  # (N,) int64
+    init_state_ids: np.ndarray  # (N,) int64
+    success: np.ndarray  # (N,) bool
+    returns: np.ndarray  # (N,) float32 undiscounted
+    lengths: np.ndarray  # (N,) int64 policy steps
+    videos: dict  # {episode index: (L+1, H, W, 3) uint8 frames}, for the first `record` episodes
+    weights_version: int = 0
+    env_restarts: int = 0

@@ -4,9 +4,12 @@ An environment holds `num_envs` episodes stepped together:
     reset(task_ids, init_state_ids) -> obs
     step(actions) -> StepResult(obs, reward, terminated, truncated, info)
 Observations are dicts: `image` uint8 (N, H, W, 3), `proprio` float32 (N, PROPRIO_DIM),
-`instruction` list[str] of length N; optional `wrist_image`. Actions are float32 (N, ACTION_DIM)
+`instruction` list[str] of length N; optional `wrist_image`; with `reset(..., record=k)` the first k
+episodes may add full-size camera frames as `frames` {env index: (H, W, 3)} for videos. Actions are float32 (N, ACTION_DIM)
 in the environment's own units (the policy's normalised actions are mapped by the tokenizer).
-`terminated` means the task itself ended the episode (no bootstrap); `truncated` the step limit.
+`terminated` means the task itself ended the episode (no bootstrap); `truncated` the step limit
+(or a simulator restart). Envs also expose num_tasks, num_init_states (training ids), and
+num_held_out_states (ids after those, for evaluation), max_steps (policy calls per episode).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ class StepResult(NamedTuple):
     info: dict  # extra per-env arrays, e.g. "success" (N,) bool
 
 
-def held_out_episodes(num_tasks: int, num_init_states: int, start: int, count: int) -> tuple[list[int], list[int]]:
-    """Evaluation episodes start..start+count: tasks cycle, init states come from past the training
-    range, so reported success is never measured on layouts the policy trained on."""
+def held_out_episodes(num_tasks: int, num_init_states: int, num_held_out: int, start: int,
+                      count: int) -> tuple[list[int], list[int]]:
+    """Evaluation episodes start..start+count: tasks cycle, init states come from the `num_held_out`
+    ids past the training range (cycling when there are fewer than episodes), so reported success is
+    never measured on layouts the policy trained on."""
     k = np.arange(start, start + count)
-    return (k % num_tasks).tolist(), (num_init_states + k // num_tasks).tolist()
+    return (k % num_tasks).tolist(), (num_init_states + (k // num_tasks) % num_held_out).tolist()
 
 
 def make_env(env_cfg, num_envs: int, seed: int):
@@ -44,5 +49,16 @@ def make_env(env_cfg, num_envs: int, seed: int):
             image_size=env_cfg.image_size, max_steps=env_cfg.max_steps, max_move=env_cfg.max_move,
             success_radius=env_cfg.success_radius, num_init_states=env_cfg.num_init_states,
         )
+        if env_cfg.action_chunk != 1:
+            raise ValueError("env=toy executes one action per policy call; set env.action_chunk=1.")
         return ToyEnv(num_envs, spec, seed)
-    raise ValueError(f"env {env_cfg.name!r} is not available in this build; use env=toy.")
+    from vlarl.envs.libero import LiberoEnv, LiberoSpec
+
+    spec = LiberoSpec(
+        suite=env_cfg.name, num_tasks=env_cfg.num_tasks, num_init_states=env_cfg.num_init_states,
+        max_steps=env_cfg.max_steps, action_chunk=env_cfg.action_chunk, camera_size=env_cfg.camera_size,
+        image_size=env_cfg.image_size, settle_steps=env_cfg.settle_steps, wrist_camera=env_cfg.wrist_camera,
+        invert_gripper=env_cfg.invert_gripper, step_timeout=env_cfg.step_timeout,
+        reset_timeout=env_cfg.reset_timeout, sim_cache=env_cfg.sim_cache, render=env_cfg.render,
+    )
+    return LiberoEnv(num_envs, spec, seed)

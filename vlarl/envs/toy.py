@@ -78,6 +78,10 @@ class ToyEnv:
         return self.spec.num_init_states
 
     @property
+    def num_held_out_states(self) -> int:
+        return 10**9  # layouts are generated from their id, so any id past training is a fresh one
+
+    @property
     def max_steps(self) -> int:
         return self.spec.max_steps
 
@@ -85,7 +89,7 @@ class ToyEnv:
         """Instruction of every task, indexed by task id."""
         return [f"move to the {c} block" for c in self.colour_names]
 
-    def reset(self, task_ids, init_state_ids) -> dict:
+    def reset(self, task_ids, init_state_ids, record: int = 0) -> dict:
         task_ids = np.asarray(task_ids, np.int64)
         init_state_ids = np.asarray(init_state_ids, np.int64)
         if task_ids.shape != (self.num_envs,) or init_state_ids.shape != (self.num_envs,):

@@ -38,8 +38,9 @@ def build_text_tokenizer(instructions: list[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_token_vla(model_cfg, image_size: int, instructions: list[str], seed: int = 0):
-    """A tiny token VLA, its tokenizer and identity action statistics, from config alone."""
+def build_tiny_token_vla(model_cfg, image_size: int, instructions: list[str], seed: int = 0, action_chunk: int = 1):
+    """A tiny token VLA, its tokenizer and identity action statistics, from config alone. With an
+    action chunk of n it emits n consecutive 7-D actions (7n tokens) per call."""
     tokenizer = build_text_tokenizer(instructions)
     t = model_cfg.tiny
     config = TokenVLAConfig(
@@ -50,11 +51,11 @@ def build_tiny_token_vla(model_cfg, image_size: int, instructions: list[str], se
                          num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.heads,
                          max_position_embeddings=1024, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id),
-        proprio_dim=PROPRIO_DIM, use_proprio=model_cfg.use_proprio, action_dim=ACTION_DIM,
+        proprio_dim=PROPRIO_DIM, use_proprio=model_cfg.use_proprio, action_dim=ACTION_DIM * action_chunk,
     )
     torch.manual_seed(seed)
     model = TokenVLA(config)
-    return model, tokenizer, ActionStats.identity(ACTION_DIM)
+    return model, tokenizer, ActionStats.identity(ACTION_DIM * action_chunk)
 
 
 def save_model(folder: str | Path, model: TokenVLA, tokenizer, stats: ActionStats, state_dict=None) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from vlarl.data.batch import TrajectoryBatch
-from vlarl.envs.base import make_env
+from vlarl.data.batch import EvalEpisodes, TrajectoryBatch
+from vlarl.envs.base import ACTION_DIM, make_env
 from vlarl.models.factory import load_model
 from vlarl.rollout.hf_engine import HFEngine
 
@@ -24,6 +24,10 @@ class RolloutWorker:
         torch.set_num_threads(self.cfg.cluster.torch_threads)
         device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
         model, tokenizer, action_tokenizer = load_model(model_folder, self.cfg.model.dtype)
+        want = ACTION_DIM * self.cfg.env.action_chunk
+        if model.config.action_dim != want:
+            raise ValueError(f"the model emits {model.config.action_dim} action values per call but env.action_chunk="
+                             f"{self.cfg.env.action_chunk} needs {want}; match env.action_chunk to the model.")
         self.engine = HFEngine(model, tokenizer, action_tokenizer, device)
         self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
         self.num_envs = num_envs
@@ -35,14 +39,33 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
+    def shutdown(self) -> None:
+        """Close the environments (LIBERO: stop the simulator processes) before the actor goes."""
+        close = getattr(self.env, "close", None)
+        if close:
+            close()
+
     def env_shape(self) -> dict:
         """What the driver needs to plan episodes: task and init-state counts, step limit."""
         e = self.env
-        return {"num_tasks": e.num_tasks, "num_init_states": e.num_init_states, "max_steps": e.max_steps}
+        return {"num_tasks": e.num_tasks, "num_init_states": e.num_init_states,
+                "num_held_out_states": e.num_held_out_states, "max_steps": e.max_steps,
+                "instructions": e.instructions()}
 
     def collect(self, task_ids: list[int], init_state_ids: list[int], group_ids: list[int],
                 iteration: int, greedy: bool = False) -> TrajectoryBatch:
-        """One episode per environment with the current policy (sampled, or greedy for evaluation)."""
+        """One episode per environment with the current policy (sampled, or greedy)."""
+        return self._episodes(task_ids, init_state_ids, group_ids, self._policy(iteration, greedy))[0]
+
+    def evaluate(self, task_ids: list[int], init_state_ids: list[int], iteration: int, record: int = 0) -> EvalEpisodes:
+        """Greedy episodes; the first `record` come back with their frames for videos."""
+        batch, videos = self._episodes(task_ids, init_state_ids, list(range(len(task_ids))),
+                                       self._policy(iteration, True), record)
+        return EvalEpisodes(task_ids=batch.task_ids, init_state_ids=batch.init_state_ids, success=batch.success,
+                            returns=batch.episode_returns, lengths=batch.lengths, videos=videos,
+                            weights_version=batch.weights_version, env_restarts=batch.env_restarts)
+
+    def _policy(self, iteration: int, greedy: bool):
         seed = np.random.SeedSequence([self.cfg.trainer.seed, iteration, self.index, int(greedy)])
         gen = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
         temperature = self.cfg.rollout.temperature
@@ -51,7 +74,7 @@ class RolloutWorker:
             out = self.engine.generate(_select(obs, live), temperature, greedy, gen)
             return out.tokens, out.logprobs, out.actions
 
-        return self._episodes(task_ids, init_state_ids, group_ids, policy)
+        return policy
 
     def demonstrations(self, task_ids: list[int], init_state_ids: list[int]) -> TrajectoryBatch:
         """One scripted expert episode per environment (for the behaviour-cloning warm start)."""
@@ -64,13 +87,17 @@ class RolloutWorker:
             tokens = at.actions_to_tokens(actions)
             return tokens, np.zeros(tokens.shape, np.float32), at.tokens_to_actions(tokens)
 
-        return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)
+        return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)[0]
 
-    def _episodes(self, task_ids, init_state_ids, group_ids, policy) -> TrajectoryBatch:
+    def _episodes(self, task_ids, init_state_ids, group_ids, policy, record: int = 0) -> tuple[TrajectoryBatch, dict]:
+        """Run every environment to the end of one episode. Returns the batch and, for the first
+        `record` episodes, their frames (camera frames where the env renders them, else model images)."""
         n, env = self.num_envs, self.env
         if len(task_ids) != n:
             raise ValueError(f"worker {self.index} runs {n} environments but was given {len(task_ids)} tasks.")
-        obs = env.reset(task_ids, init_state_ids)
+        restarts = getattr(env, "restarts", 0)
+        obs = env.reset(task_ids, init_state_ids, record=record)
+        videos = {i: [_frame(obs, i)] for i in range(min(record, n))}
         horizon = env.max_steps
         images = np.zeros((n, horizon + 1, *obs["image"].shape[1:]), np.uint8)
         proprio = np.zeros((n, horizon + 1, obs["proprio"].shape[1]), np.float32)
@@ -96,21 +123,29 @@ class RolloutWorker:
             dones[:, t], terminated[:, t] = ended, res.terminated & alive
             success |= res.info["success"] & alive
             images[live, t + 1], proprio[live, t + 1] = res.obs["image"][live], res.obs["proprio"][live]
+            for i in videos:
+                if alive[i]:
+                    videos[i].append(_frame(res.obs, i))
             obs = res.obs
             alive &= ~ended
             steps = t + 1
             if not alive.any():
                 break
-        return TrajectoryBatch(
+        batch = TrajectoryBatch(
             images=images[:, :steps + 1], proprio=proprio[:, :steps + 1],
             instructions=[env.instructions()[k] for k in task_ids],
             task_ids=np.asarray(task_ids, np.int64), init_state_ids=np.asarray(init_state_ids, np.int64),
             group_ids=np.asarray(group_ids, np.int64), action_tokens=tokens[:, :steps],
             rollout_logprobs=logprobs[:, :steps], rewards=rewards[:, :steps], mask=mask[:, :steps],
             dones=dones[:, :steps], terminated=terminated[:, :steps], success=success,
-            weights_version=self.weights_version,
+            weights_version=self.weights_version, env_restarts=getattr(env, "restarts", 0) - restarts,
         )
+        return batch, {i: np.stack(f) for i, f in videos.items()}
 
 
 def _select(obs: dict, idx: np.ndarray) -> dict:
-    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in obs.items()}
+    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in obs.items() if k != "frames"}
+
+
+def _frame(obs: dict, i: int) -> np.ndarray:
+    return obs["frames"][i] if i in obs.get("frames", {}) else obs["image"][i]

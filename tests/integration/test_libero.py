@@ -1,0 +1,227 @@
+"""Real LIBERO simulators (MuJoCo + OSMesa on CPU) behind vlarl's vectorised env interface."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libero.libero", reason="LIBERO is installed by `bash launch/setup.sh dev,libero`")
+
+from vlarl.envs.base import held_out_episodes  # noqa: E402
+from vlarl.envs.libero import SUITE_MAX_STEPS, LiberoEnv, LiberoSpec, suite_tasks, to_robosuite  # noqa: E402
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+HOLD = np.array([0, 0, 0, 0, 0, 0, -1], np.float32)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = LiberoEnv(3, LiberoSpec(suite="libero_spatial", num_tasks=10, num_init_states=40, max_steps=40,
+                                image_size=64, camera_size=128, step_timeout=20))
+    yield e
+    e.close()
+
+
+def test_every_suite_lists_its_tasks_and_instructions():
+    from libero.libero import benchmark
+
+    for suite, count in {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10,
+                         "libero_90": 90}.items():
+        tasks = suite_tasks(suite)
+        assert len(tasks) == count, suite
+        assert all(name and len(instruction.split()) >= 3 for name, instruction in tasks), suite
+        assert len({name for name, _ in tasks}) == count, suite  # (libero_90 repeats instructions across scenes)
+        assert benchmark.get_benchmark_dict()[suite]().get_task_init_states(0).shape[0] == 50
+    assert suite_tasks("libero_spatial")[0][1].startswith("pick up the black bowl")
+    assert SUITE_MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                               "libero_90": 400}
+
+
+def test_held_out_init_states_never_overlap_training():
+    tasks, inits = held_out_episodes(10, 40, 10, 0, 250)
+    assert min(inits) == 40 and max(inits) == 49 and sorted(set(tasks)) == list(range(10))
+    assert len(set(zip(tasks, inits))) == 100  # every (task, held-out state) pair, then it cycles
+
+
+def test_gripper_convention_and_action_conversion():
+    a = np.array([[0.5, -2.0, 0, 0, 0, 0, 1.0, 0.1, 0, 0, 0, 0, 0, -1.0]], np.float32)
+    out = to_robosuite(a, 2, invert_gripper=False)
+    assert out.shape == (1, 2, 7) and out[0, 0, 1] == -1.0 and out[0, 0, 6] == 1.0 and out[0, 1, 6] == -1.0
+    flipped = to_robosuite(a, 2, invert_gripper=True)
+    assert flipped[0, 0, 6] == -1.0 and flipped[0, 1, 6] == 1.0 and flipped[0, 0, 0] == 0.5
+
+
+def test_reset_to_an_init_state_reproduces_the_observation(env):
+    first = env.reset([0, 1, 2], [3, 3, 7])
+    again = env.reset([0, 1, 2], [3, 3, 7])
+    assert first["image"].shape == (3, 64, 64, 3) and first["image"].dtype == np.uint8
+    assert first["proprio"].shape == (3, 8) and first["proprio"].dtype == np.float32
+    np.testing.assert_array_equal(first["image"], again["image"])
+    np.testing.assert_array_equal(first["proprio"], again["proprio"])
+    other = env.reset([0, 1, 2], [4, 3, 7])
+    assert np.abs(other["image"][0].astype(int) - first["image"][0]).max() > 30  # another layout
+    np.testing.assert_array_equal(other["image"][1:], first["image"][1:])
+    assert first["instruction"][1] == suite_tasks("libero_spatial")[1][1]
+
+
+def test_a_step_moves_the_robot_and_the_gripper_follows_robosuite_signs(env):
+    obs = env.reset([0, 0, 0], [0, 0, 0])
+    a = np.tile(HOLD, (3, 1))
+    a[0, 0] = 1.0  # +x
+    a[1, -1] = 1.0  # close the gripper
+    for _ in range(6):
+        res = env.step(a)
+    moved = res.obs["proprio"] - obs["proprio"]
+    assert moved[0, 0] > 0.02 and abs(moved[0, 1]) < 0.01  # eef went along +x
+    assert abs(moved[2, 0]) < 0.005  # holding still stays put
+    width = lambda p: p[:, 6] - p[:, 7]  # noqa: E731  finger joints: apart when open
+    assert width(res.obs["proprio"])[1] < width(obs["proprio"])[1] - 0.01  # +1 closed it
+    assert abs(width(res.obs["proprio"])[2] - width(obs["proprio"])[2]) < 0.005  # -1 keeps it open
+    assert not res.terminated.any() and not res.truncated.any()
+
+
+def test_goal_state_terminates_and_untouched_does_not(env):
+    env.reset([0, 0, 0], [0, 0, 0])
+    res = env.step(np.tile(HOLD, (3, 1)))
+    assert not res.terminated.any() and not res.info["success"].any()
+    _, solved = env.place(1, "akita_black_bowl_1", "plate_1")  # the task: bowl onto the plate
+    assert solved
+    res = env.step(np.tile(HOLD, (3, 1)))
+    assert res.terminated.tolist() == [False, True, False] and res.reward[1] == 1.0 and res.info["success"][1]
+    res = env.step(np.tile(HOLD, (3, 1)))  # an ended episode is not stepped again
+    assert not res.terminated.any() and res.reward.sum() == 0.0
+
+
+def test_object_suite_goal_state_terminates():
+    e = LiberoEnv(1, LiberoSpec(suite="libero_object", num_tasks=10, num_init_states=40, max_steps=20,
+                                image_size=32, camera_size=64))
+    try:
+        e.reset([0], [5])
+        assert not e.step(HOLD[None]).terminated[0]
+        e.reset([0], [5])
+        _, solved = e.place(0, "alphabet_soup_1", "basket_1_contain_region")
+        assert solved
+        assert e.step(HOLD[None]).terminated[0]
+    finally:
+        e.close()
+
+
+def test_truncation_at_the_step_limit_counts_simulator_steps_with_chunks():
+    e = LiberoEnv(1, LiberoSpec(suite="libero_spatial", num_tasks=10, num_init_states=40, max_steps=5,
+                                action_chunk=2, image_size=32, camera_size=64, settle_steps=2))
+    try:
+        assert e.max_steps == 3  # policy calls: 2 + 2 + 1 simulator steps
+        e.reset([2], [0])
+        chunk = np.tile(HOLD, 2)[None]
+        assert not e.step(chunk).truncated[0] and not e.step(chunk).truncated[0]
+        assert e.step(chunk).truncated[0]
+    finally:
+        e.close()
+
+
+def test_killed_and_stalled_simulators_are_restarted_and_their_episodes_truncated(env):
+    env.reset([0, 1, 2], [1, 1, 1])
+    hold = np.tile(HOLD, (3, 1))
+    env.step(hold)
+    before, pids = env.restarts, env.sim_pids()
+    os.kill(pids[0], signal.SIGKILL)
+    os.kill(pids[1], signal.SIGSTOP)
+    res = env.step(hold)
+    assert res.truncated.tolist() == [True, True, False]
+    assert env.restarts == before + 2 and env.sim_pids()[2] == pids[2]
+    assert not set(env.sim_pids()[:2]) & set(pids)
+    for _ in range(3):  # the healthy episode carries on
+        res = env.step(hold)
+        assert not res.truncated[2] and not res.truncated[:2].any()
+    obs = env.reset([0, 1, 2], [1, 1, 1])  # the replacements build and run episodes
+    assert obs["image"].shape == (3, 64, 64, 3)
+    assert not env.step(hold).truncated.any()
+
+
+# ---- the trainer and the evaluation command on LIBERO -------------------------------------------
+def sim_processes() -> list:
+    """Simulators started by Ray actors (not by this test process's own env fixture)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["name", "cmdline", "ppid"])
+            if "vlarl.envs.libero_sim" in " ".join(p.info["cmdline"] or []) and p.info["ppid"] != os.getpid()]
+
+
+def sabotage(done: threading.Event, log: list) -> None:
+    """Once two simulators are mid-episode, SIGKILL one and SIGSTOP the other."""
+    while not done.is_set():
+        running = [p for p in sim_processes() if p.info["name"] == "vlarl-sim-ep"]
+        if len(running) >= 2:
+            time.sleep(1.0)
+            os.kill(running[0].pid, signal.SIGKILL)
+            os.kill(running[1].pid, signal.SIGSTOP)
+            log += [running[0].pid, running[1].pid]
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def libero_run(tmp_path_factory, ray_local):
+    """One PPO iteration on libero_spatial with two simulators, one killed and one stalled mid-episode."""
+    from vlarl.config import load_config
+    from vlarl.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("libero_run")
+    cfg = load_config([f"trainer.run_dir={run_dir}", "trainer.iterations=1", "rollout.num_envs=3",
+                       "rollout.eval_every=0", "env.max_steps=30", "env.step_timeout=8", "cluster.dashboard=false",
+                       "algo.minibatch_size=32", "algo.epochs=1"])
+    done, killed = threading.Event(), []
+    t = threading.Thread(target=sabotage, args=(done, killed), daemon=True)
+    t.start()
+    try:
+        metrics = train(cfg)
+    finally:
+        done.set()
+    return run_dir, metrics, killed
+
+
+def test_an_iteration_completes_despite_a_killed_and_a_stalled_simulator(libero_run):
+    run_dir, metrics, killed = libero_run
+    assert len(killed) == 2
+    assert metrics["env/restarts"] == 2
+    assert metrics["rollout/episodes"] == 3 and metrics["rollout/episode_length"] < 30
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["iteration"] == 0 and (run_dir / "best_return" / "model.safetensors").is_file()
+    assert not sim_processes()  # the workers closed their simulators
+
+
+def test_eval_command_writes_report_and_playable_video(libero_run):
+    import imageio.v2 as imageio
+
+    run_dir, _, _ = libero_run
+    out = run_dir / "eval_out"
+    proc = subprocess.run([sys.executable, "-m", "vlarl.eval", "--checkpoint", str(run_dir / "best_return"),
+                           "--out", str(out), "--tasks", "0,3", "--init-states", "41", "--videos", "1",
+                           "rollout.num_envs=2", "env.max_steps=12", "cluster.dashboard=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    suite = report["suites"]["libero_spatial"]
+    assert suite["episodes"] == 2 and set(suite["tasks"]) == {"0", "3"}
+    assert [e["init_state"] for e in suite["episode_results"]] == [41, 41]
+    assert 0.0 <= suite["success_rate"] <= 1.0 and report["success_rate"] == suite["success_rate"]
+    (video,) = suite["videos"]
+    frames = [f for f in imageio.get_reader(video)]  # (not list(): the reader's len() is inf for MP4)
+    assert len(frames) == suite["episode_results"][0]["length"] + 1 and frames[0].shape == (128, 128, 3)
+    assert np.std(frames[0]) > 5  # a rendered scene, not a blank frame
+
+
+def test_eval_command_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlarl.eval", "--checkpoint", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a vlarl checkpoint" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,307 @@
+"""LIBERO suites as one vectorised environment whose simulators live in subprocesses.
+
+Each of the `num_envs` episodes runs in its own simulator process (`vlarl.envs.libero_sim`), all
+stepped in parallel. A simulator that dies (segfault, SIGKILL, Python error) or does not answer
+within `step_timeout` seconds is killed and replaced; its episode ends truncated, the restart is
+counted (`restarts`, logged as env/restarts) and the other episodes carry on.
+
+Actions are 7-D in robosuite's units: xyz and rotation deltas in [-1, 1] (the OSC controller scales
+them) and the gripper, where -1 opens and +1 closes. Datasets that store +1 = open (OpenVLA's LIBERO
+RLDS data) set `invert_gripper`. The policy's normalised actions reach these units through the
+action tokenizer's q01/q99 statistics (identity for tiny models). With `action_chunk` n the policy
+emits n actions (7n values) per call and the simulator executes them in order, stopping at success.
+
+Init states: LIBERO stores 50 per task. Training draws from the first `num_init_states`, evaluation
+from the rest (`held_out_episodes`), so reported success is never measured on trained-on states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+import numpy as np
+
+from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult
+
+SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                   "libero_90": 400}  # the common evaluation protocol's limits
+SUITE_INIT_STATES = 50
+RENDER_HELP = ("LIBERO renders its cameras with OpenGL and neither EGL nor OSMesa works here: install Debian's "
+               "libosmesa6 (apt-get install -y libosmesa6) for CPU rendering, or use a machine with an NVIDIA "
+               "driver for EGL.")
+
+
+class SimulatorError(RuntimeError):
+    """A simulator failed in a way a restart did not fix (for example a broken asset)."""
+
+
+@dataclass
+class LiberoSpec:
+    suite: str  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90
+    num_tasks: int  # the suite's first num_tasks tasks
+    num_init_states: int  # training init states per task; the rest of the 50 are held out
+    max_steps: int  # simulator steps per episode (truncation)
+    action_chunk: int = 1  # actions executed per policy call
+    camera_size: int = 128  # rendered side in pixels (videos use this)
+    image_size: int = 64  # side fed to the model
+    settle_steps: int = 10  # no-op steps after placing the init state
+    wrist_camera: bool = False  # also render the wrist camera as obs["wrist_image"]
+    invert_gripper: bool = False  # the policy's gripper uses +1 = open
+    step_timeout: float = 60.0  # seconds a simulator may take for one policy step
+    reset_timeout: float = 300.0  # seconds for a reset (includes building the scene)
+    sim_cache: int = 4  # built scenes kept per simulator process
+    render: str = "auto"  # auto | egl | osmesa
+
+
+@functools.lru_cache(maxsize=None)
+def suite_tasks(suite: str) -> list[tuple[str, str]]:
+    """(name, instruction) of every task in a suite, in the suite's order."""
+    if suite not in SUITE_MAX_STEPS:
+        raise ValueError(f"unknown LIBERO suite {suite!r}; choose one of {', '.join(SUITE_MAX_STEPS)}.")
+    with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints its task order on every load
+        from libero.libero import benchmark
+
+        s = benchmark.get_benchmark_dict()[suite]()
+    return [(s.get_task(i).name, s.get_task(i).language) for i in range(s.n_tasks)]
+
+
+def to_robosuite(actions: np.ndarray, action_chunk: int, invert_gripper: bool) -> np.ndarray:
+    """(N, 7 * chunk) policy actions in env units -> (N, chunk, 7) robosuite commands: clipped to
+    [-1, 1], gripper sign flipped when the policy uses +1 = open."""
+    out = np.asarray(actions, np.float64).reshape(len(actions), action_chunk, ACTION_DIM).copy()
+    if invert_gripper:
+        out[..., -1] *= -1
+    return np.clip(out, -1.0, 1.0)
+
+
+_RENDER_OK: dict[str, bool] = {}
+
+
+def render_backend(choice: str = "auto") -> str:
+    """The OpenGL backend simulators use: MUJOCO_GL if the user set it, else EGL when an NVIDIA GPU is
+    visible, else OSMesa. Each candidate is tried once in a subprocess; none working raises."""
+    if choice == "auto" and os.environ.get("MUJOCO_GL"):
+        choice = os.environ["MUJOCO_GL"]
+    if choice == "auto":
+        candidates = (["egl"] if os.path.exists("/dev/nvidia0") else []) + ["osmesa"]
+    else:
+        candidates = [choice]
+    for backend in candidates:
+        if backend not in _RENDER_OK:
+            probe = ("import mujoco; c = mujoco.GLContext(8, 8); c.make_current(); c.free()")
+            r = subprocess.run([sys.executable, "-c", probe], env=_gl_env(backend), capture_output=True, timeout=120)
+            _RENDER_OK[backend] = r.returncode == 0
+        if _RENDER_OK[backend]:
+            return backend
+    raise SimulatorError(RENDER_HELP if choice == "auto" else f"MUJOCO_GL={choice} does not work here. " + RENDER_HELP)
+
+
+def _gl_env(backend: str) -> dict:
+    return {**os.environ, "MUJOCO_GL": backend, "PYOPENGL_PLATFORM": backend}
+
+
+class _Sim:
+    """Parent-side handle of one simulator process."""
+
+    def __init__(self, cfg: dict, backend: str):
+        parent_read, child_write = os.pipe()
+        child_read, parent_write = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vlarl.envs.libero_sim", str(child_read), str(child_write), str(os.getpid())],
+            pass_fds=(child_read, child_write), env=_gl_env(backend), stdout=subprocess.DEVNULL)
+        os.close(child_read), os.close(child_write)
+        self.inbox = Connection(parent_read, writable=False)
+        self.outbox = Connection(parent_write, readable=False)
+        self.outbox.send(("config", cfg))
+        self.configured = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, msg: tuple) -> None:
+        self.outbox.send(msg)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.inbox.close(), self.outbox.close()
+
+
+class LiberoEnv:
+    def __init__(self, num_envs: int, spec: LiberoSpec, seed: int = 0):
+        tasks = suite_tasks(spec.suite)
+        if not 1 <= spec.num_tasks <= len(tasks):
+            raise ValueError(f"env.num_tasks={spec.num_tasks} but {spec.suite} has {len(tasks)} tasks; "
+                             f"choose 1..{len(tasks)}.")
+        if not 1 <= spec.num_init_states < SUITE_INIT_STATES:
+            raise ValueError(f"env.num_init_states={spec.num_init_states} must leave held-out init states for "
+                             f"evaluation: choose 1..{SUITE_INIT_STATES - 1} of LIBERO's {SUITE_INIT_STATES}.")
+        if spec.image_size > spec.camera_size:
+            raise ValueError(f"env.image_size={spec.image_size} exceeds env.camera_size={spec.camera_size}; "
+                             "render at least at the model's size.")
+        self.spec = spec
+        self.num_envs = num_envs
+        self.tasks = tasks[:spec.num_tasks]
+        self.num_tasks = len(self.tasks)
+        self.num_init_states = spec.num_init_states
+        self.num_held_out_states = SUITE_INIT_STATES - spec.num_init_states
+        self.max_steps = math.ceil(spec.max_steps / spec.action_chunk)  # policy calls per episode
+        self.restarts = 0
+        self._sims: list[_Sim | None] = [None] * num_envs
+        self._backend: str | None = None
+        self._cfg = {"suite": spec.suite, "camera_size": spec.camera_size, "image_size": spec.image_size,
+                     "settle_steps": spec.settle_steps, "wrist_camera": spec.wrist_camera, "sim_cache": spec.sim_cache}
+        self._episode: list[tuple[int, int]] = [(0, 0)] * num_envs
+        self._steps = np.zeros(num_envs, np.int64)  # simulator steps in the current episode
+        self._ended = np.ones(num_envs, bool)
+        self._obs: list[dict | None] = [None] * num_envs
+
+    def instructions(self) -> list[str]:
+        return [instruction for _, instruction in self.tasks]
+
+    def sim_pids(self) -> list[int | None]:
+        return [s.pid if s else None for s in self._sims]
+
+    # ---- episodes --------------------------------------------------------------------------------
+    def reset(self, task_ids, init_state_ids, record: int = 0) -> dict:
+        """Start episode i on task_ids[i] from init state init_state_ids[i]. The first `record`
+        episodes also return the full-size camera frame as obs["frames"][i]."""
+        if len(task_ids) != self.num_envs or len(init_state_ids) != self.num_envs:
+            raise ValueError(f"reset needs {self.num_envs} task and init-state ids.")
+        for t, k in zip(task_ids, init_state_ids):
+            if not (0 <= t < self.num_tasks and 0 <= k < SUITE_INIT_STATES):
+                raise ValueError(f"task {t} / init state {k} is outside {self.spec.suite} "
+                                 f"({self.num_tasks} tasks, {SUITE_INIT_STATES} init states each).")
+        self._episode = list(zip(map(int, task_ids), map(int, init_state_ids)))
+        self._steps[:] = 0
+        self._ended[:] = False
+        for attempt in range(2):  # a simulator that fails to reset gets one fresh process
+            todo = [i for i in range(self.num_envs) if attempt == 0 or self._obs[i] is None]
+            for i in todo:
+                self._obs[i] = None
+                self._sim(i).send(("reset", *self._episode[i], i < record))
+            replies = self._gather(todo, self.spec.reset_timeout, "reset")
+            for i, reply in replies.items():
+                if reply[0] == "ok":
+                    self._obs[i] = reply[1]
+            if all(o is not None for o in self._obs):
+                return self._batch_obs()
+        bad = [i for i in range(self.num_envs) if self._obs[i] is None]
+        raise SimulatorError(f"LIBERO simulator(s) {bad} failed to reset twice ({self.spec.suite}, episodes "
+                             f"{[self._episode[i] for i in bad]}); see the simulator error above.")
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """actions: (N, 7 * action_chunk) in env units. Episodes that already ended are not stepped."""
+        n = self.num_envs
+        actions = to_robosuite(actions, self.spec.action_chunk, self.spec.invert_gripper)
+        reward = np.zeros(n, np.float32)
+        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
+        live = [i for i in range(n) if not self._ended[i]]
+        for i in live:
+            budget = self.spec.max_steps - self._steps[i]
+            self._sims[i].send(("step", actions[i, :budget]))
+        for i, reply in self._gather(live, self.spec.step_timeout, "step").items():
+            if reply[0] != "ok":  # crashed or hung: replaced already; the episode ends here
+                truncated[i] = True
+                continue
+            self._obs[i], reward[i], terminated[i], k = reply[1:]
+            self._steps[i] += k
+            truncated[i] = not terminated[i] and self._steps[i] >= self.spec.max_steps
+        self._ended |= terminated | truncated
+        return StepResult(self._batch_obs(), reward, terminated, truncated,
+                          {"success": terminated.copy(), "restarts": self.restarts})
+
+    def place(self, env_index: int, obj: str, target: str) -> tuple[dict, bool]:
+        """Debugging aid: put object `obj` on `target` in episode env_index's simulator; returns the
+        packed observation and whether the task now counts as solved."""
+        self._sims[env_index].send(("place", obj, target))
+        reply = self._gather([env_index], self.spec.step_timeout, "place")[env_index]
+        if reply[0] != "ok":
+            raise SimulatorError(f"place failed: {reply[1]}")
+        self._obs[env_index] = reply[1]
+        return reply[1], reply[2]
+
+    def close(self) -> None:
+        for i, s in enumerate(self._sims):
+            if s is not None:
+                try:
+                    s.send(("close",))
+                    s.proc.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+                s.kill()
+                self._sims[i] = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- processes ---------------------------------------------------------------------------------
+    def _sim(self, i: int) -> _Sim:
+        if self._sims[i] is None:
+            if self._backend is None:
+                self._backend = render_backend(self.spec.render)
+            self._sims[i] = _Sim(self._cfg, self._backend)
+        return self._sims[i]
+
+    def _gather(self, idx: list[int], timeout: float, what: str) -> dict[int, tuple]:
+        """Wait for one reply from each simulator in idx. A simulator that dies, errs or misses the
+        deadline is killed and replaced (the new one builds lazily); its reply is ("failed", why)."""
+        replies: dict[int, tuple] = {}
+        pending = {self._sims[i].inbox: i for i in idx}
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for conn in ready:
+                i = pending[conn]
+                try:
+                    reply = conn.recv()
+                    if reply[0] == "ok" and not self._sims[i].configured:  # the ("config",) answer
+                        self._sims[i].configured = True
+                        continue
+                except (EOFError, OSError):
+                    reply = ("failed", f"exited with code {self._sims[i].proc.poll()}")
+                del pending[conn]
+                replies[i] = reply
+        for i in pending.values():
+            replies[i] = ("failed", f"no answer within {timeout:g} s")
+        for i, reply in replies.items():
+            if reply[0] != "ok":
+                self._restart(i, what, reply[1])
+        return replies
+
+    def _restart(self, i: int, what: str, why: str) -> None:
+        task, init = self._episode[i]
+        print(f"vlarl: LIBERO simulator {i} (pid {self._sims[i].pid}, {self.spec.suite} task {task}, init state "
+              f"{init}, step {self._steps[i]}) failed during {what}: {why.strip()}; restarting it, the episode "
+              "ends truncated.", file=sys.stderr, flush=True)
+        self._sims[i].kill()
+        self._sims[i] = None
+        self.restarts += 1
+        self._sim(i)
+
+    def _batch_obs(self) -> dict:
+        obs = {"image": np.stack([o["image"] for o in self._obs]),
+               "proprio": np.stack([o["proprio"] for o in self._obs]).astype(np.float32),
+               "instruction": [self.tasks[t][1] for t, _ in self._episode]}
+        if self.spec.wrist_camera:
+            obs["wrist_image"] = np.stack([o["wrist_image"] for o in self._obs])
+        frames = {i: o["frame"] for i, o in enumerate(self._obs) if "frame" in o}
+        if frames:
+            obs["frames"] = frames
+        assert obs["proprio"].shape[1] == PROPRIO_DIM
+        return obs

@@ -1,0 +1,258 @@
+"""Greedy evaluation of a checkpoint: per-task and per-suite success as JSON, and MP4 videos.
+
+    python -m vlarl.eval --checkpoint RUN/best_return [--suites libero_spatial,libero_object]
+        [--tasks 0,1,2] [--init-states 40-49] [--videos 4] [--out DIR] [key=value ...]
+
+Episodes run in parallel on the run's rollout workers (Ray, local unless RAY_ADDRESS is set), each
+stepping its simulators in parallel. By default every task of each suite runs once from every
+held-out init state (ids past env.num_init_states), the states training never drew. The trainer
+uses the same functions every rollout.eval_every iterations and logs eval/success_rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlarl.data.batch import EvalEpisodes
+
+VIDEO_FPS = 20  # LIBERO's control frequency
+MIN_VIDEO_SIDE = 128  # small model images are enlarged (nearest) so players show them
+
+
+# ---- shared with the trainer ------------------------------------------------------------------
+def greedy_episodes(rollout_workers: list, per_worker: int, episodes: list[tuple[int, int]], seed_iteration: int,
+                    record: int, version: int, resend) -> EvalEpisodes:
+    """Run `episodes` [(task, init state)] greedily, per_worker at a time on each worker; the first
+    `record` come back with videos. The last round is padded with repeats that are then dropped.
+    A worker that Ray restarted comes back with stale weights: `resend()` re-sends them and the round
+    runs again."""
+    import ray
+
+    per_round = per_worker * len(rollout_workers)
+    rounds = -(-len(episodes) // per_round)
+    padded = episodes + [episodes[k % len(episodes)] for k in range(rounds * per_round - len(episodes))]
+    parts = []
+    for r in range(rounds):
+        jobs = []
+        for i in range(len(rollout_workers)):
+            start = (r * len(rollout_workers) + i) * per_worker
+            chunk = padded[start:start + per_worker]
+            jobs.append(([t for t, _ in chunk], [k for _, k in chunk], min(max(record - start, 0), per_worker)))
+        for _ in range(2):
+            results = ray.get([w.evaluate.remote(t, k, seed_iteration + r, rec)
+                               for w, (t, k, rec) in zip(rollout_workers, jobs)])
+            if all(res.weights_version == version for res in results):
+                break
+            resend()
+        else:
+            raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")
+        for i, res in enumerate(results):
+            start = (r * len(rollout_workers) + i) * per_worker
+            res.videos = {start + j: v for j, v in res.videos.items()}
+            parts.append(res)
+    n = len(episodes)
+    cat = {f: np.concatenate([getattr(p, f) for p in parts])[:n]
+           for f in ("task_ids", "init_state_ids", "success", "returns", "lengths")}
+    videos = {k: v for p in parts for k, v in p.videos.items() if k < n}
+    return EvalEpisodes(**cat, videos=videos, weights_version=version,
+                        env_restarts=sum(p.env_restarts for p in parts))
+
+
+def report(result: EvalEpisodes, instructions: list[str], suite: str) -> dict:
+    """Per-task and overall success of one suite's episodes."""
+    tasks = {}
+    for t in sorted(set(result.task_ids.tolist())):
+        sel = result.task_ids == t
+        tasks[str(t)] = {"instruction": instructions[t], "episodes": int(sel.sum()),
+                         "success_rate": float(result.success[sel].mean())}
+    return {"suite": suite, "episodes": len(result.success), "success_rate": float(result.success.mean()),
+            "mean_return": float(result.returns.mean()), "mean_length": float(result.lengths.mean()),
+            "env_restarts": int(result.env_restarts), "tasks": tasks,
+            "episode_results": [{"task": int(t), "init_state": int(k), "success": bool(s), "length": int(n)}
+                                for t, k, s, n in zip(result.task_ids, result.init_state_ids, result.success,
+                                                      result.lengths)]}
+
+
+def write_videos(result: EvalEpisodes, folder: Path, prefix: str = "") -> list[str]:
+    """One MP4 per recorded episode: {prefix}task{T}_init{K}_{success|failure}.mp4"""
+    import imageio.v2 as imageio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, frames in sorted(result.videos.items()):
+        scale = max(1, -(-MIN_VIDEO_SIDE // frames.shape[1]))
+        frames = frames.repeat(scale, 1).repeat(scale, 2) if scale > 1 else frames
+        name = (f"{prefix}task{result.task_ids[k]}_init{result.init_state_ids[k]}_"
+                f"{'success' if result.success[k] else 'failure'}.mp4")
+        tmp = folder / f".tmp-{name}"
+        imageio.mimwrite(tmp, list(frames), fps=VIDEO_FPS, format="FFMPEG", codec="libx264", macro_block_size=16)
+        os.replace(tmp, folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ---- the command ------------------------------------------------------------------------------
+class EvalError(RuntimeError):
+    """A checkpoint or an argument that cannot be evaluated; the message says what to do."""
+
+
+def parse_ids(text: str | None, count: int, what: str) -> list[int] | None:
+    """"0,3,5-7" -> [0, 3, 5, 6, 7]; None stays None (the default set)."""
+    if text is None:
+        return None
+    ids = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            ids += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise EvalError(f"--{what}={text!r} is not a list like 0,3,5-7.") from None
+    bad = [i for i in ids if not 0 <= i < count]
+    if bad:
+        raise EvalError(f"--{what} has ids {bad} outside 0..{count - 1}.")
+    return ids
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, str]:
+    """(run config, model state, base model folder) of a checkpoint directory."""
+    import safetensors.torch
+
+    from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE
+
+    if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise EvalError(f"{path} is not a vlarl checkpoint (no {MODEL_FILE} / {CONFIG_FILE}); pass run_dir/best_return "
+                        "or run_dir/checkpoints/step_NNNNNN.")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    model_path = config.get("model", {}).get("path")
+    candidates = ([Path(model_path)] if model_path else []) + [
+        Path(config["trainer"]["run_dir"]) / "base_model", path.parent / "base_model", path.parent.parent / "base_model"]
+    base = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if base is None:
+        raise EvalError(f"the base model of {path} is missing (looked in {', '.join(map(str, candidates))}); "
+                        "keep run_dir/base_model next to the checkpoints or set model.path.")
+    return config, safetensors.torch.load_file(str(path / MODEL_FILE)), str(base.resolve())
+
+
+def suite_config(run_config: dict, suite: str, overrides: list[str]):
+    """The run's config with env switched to `suite` (its own task count and step limit) and the
+    user's key=value overrides applied last."""
+    from omegaconf import OmegaConf
+
+    from vlarl.config import Config, ConfigError, _set, validate
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), run_config)
+    if suite != cfg.env.name:
+        if suite == "toy" or cfg.env.name == "toy":
+            raise EvalError(f"a model trained on env={cfg.env.name} cannot be evaluated on {suite}.")
+        from vlarl.envs.libero import SUITE_MAX_STEPS, suite_tasks
+
+        cfg.env.name, cfg.env.max_steps, cfg.env.num_tasks = suite, SUITE_MAX_STEPS[suite], len(suite_tasks(suite))
+    try:
+        for item in overrides:
+            key, _, value = item.partition("=")
+            _set(cfg, key, value)
+        validate(cfg)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    except Exception as e:  # OmegaConf's own errors for unknown keys or bad types
+        raise EvalError(f"bad override in {overrides}: {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[str] | None = None,
+                        tasks: str | None = None, init_states: str | None = None, videos: int = 2,
+                        overrides: list[str] = ()) -> dict:
+    import ray
+    from omegaconf import OmegaConf
+
+    from vlarl.models.factory import merge_lora_state_dict
+    from vlarl.trainer import init_ray
+    from vlarl.workers.rollout import RolloutWorker
+
+    path = Path(checkpoint).resolve()
+    run_config, state, base = load_checkpoint(path)
+    out_dir = Path(out) if out else path / "eval"
+    suites = suites or [run_config["env"]["name"]]
+    m = run_config["model"]
+    state = merge_lora_state_dict(state, m["lora_alpha"] / max(m["lora_rank"], 1))
+    summary = {"checkpoint": str(path), "created": datetime.datetime.now().isoformat(timespec="seconds"),
+               "suites": {}}
+    started = time.monotonic()
+    for suite in suites:
+        cfg = suite_config(run_config, suite, list(overrides))
+        init_ray(cfg)
+        c = cfg.cluster
+        per_worker = cfg.rollout.num_envs // c.num_rollout_workers
+        gpu = 1 if c.device == "cuda" else 0
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        workers = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu, max_restarts=1)
+                   .remote(plain, i, base, per_worker) for i in range(c.num_rollout_workers)]
+        try:
+            shape = ray.get(workers[0].env_shape.remote())
+            task_ids = parse_ids(tasks, shape["num_tasks"], "tasks") or list(range(shape["num_tasks"]))
+            total = shape["num_init_states"] + shape["num_held_out_states"]
+            inits = parse_ids(init_states, total, "init-states") or list(range(shape["num_init_states"], total))
+            episodes = [(t, k) for t in task_ids for k in inits]
+            ref = ray.put(state)
+
+            def resend():
+                ray.get([w.load_weights.remote(ref, 1) for w in workers])
+
+            resend()
+            print(f"vlarl.eval: {suite}: {len(episodes)} greedy episodes ({len(task_ids)} tasks x {len(inits)} init "
+                  f"states) on {len(workers)} worker(s) x {per_worker} envs", flush=True)
+            result = greedy_episodes(workers, per_worker, episodes, 0, videos, 1, resend)
+        finally:
+            try:
+                ray.get([w.shutdown.remote() for w in workers], timeout=30)
+            except Exception:  # a dead worker: killing it below is enough
+                pass
+            for w in workers:
+                ray.kill(w)
+        rep = report(result, shape["instructions"], suite)
+        rep["videos"] = write_videos(result, out_dir / "videos", prefix=f"{suite}_")
+        summary["suites"][suite] = rep
+        print(f"vlarl.eval: {suite}: success {rep['success_rate']:.3f} over {rep['episodes']} episodes", flush=True)
+    summary["success_rate"] = float(np.mean([s["success_rate"] for s in summary["suites"].values()]))
+    summary["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_json(out_dir / "report.json", summary)
+    print(f"vlarl.eval: report {out_dir / 'report.json'}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlarl.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run_dir/best_return or run_dir/checkpoints/step_NNNNNN")
+    p.add_argument("--out", help="report folder (default: CHECKPOINT/eval)")
+    p.add_argument("--suites", help="comma-separated env names (default: the one trained on)")
+    p.add_argument("--tasks", help="task ids, e.g. 0,2,5-7 (default: all of the suite)")
+    p.add_argument("--init-states", help="init-state ids, e.g. 40-49 (default: the held-out ones)")
+    p.add_argument("--videos", type=int, default=2, help="episodes recorded as MP4 per suite (default 2)")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. rollout.num_envs=8")
+    args = p.parse_args(argv)
+    try:
+        evaluate_checkpoint(args.checkpoint, args.out, args.suites.split(",") if args.suites else None, args.tasks,
+                            args.init_states, args.videos, args.overrides)
+    except EvalError as e:
+        print(f"vlarl.eval: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
