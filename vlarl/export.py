@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
 from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_STATE_FILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,6 +43,7 @@ METADATA_FILE = "merge_metadata.json"
 # Parameters apply_lora leaves trainable besides the adapters; everything else is frozen base weight.
 TRAINED_WITH_LORA = ("value_head", "projector", "proprio_proj")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
+USE_RUN_BASE = "pass the model the run started from with --base-model DIR."  # the fix for every base mismatch
 
 
 class ExportError(ValueError):
@@ -86,6 +88,10 @@ def find_base_model(ckpt: Checkpoint, base_model: str | None) -> Path:
     if not (folder / "config.json").is_file():
         raise ExportError(f"base model {folder} (from {source}) is missing; pass the model the run started from "
                           f"with --base-model DIR.")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != TokenVLAConfig.model_type:
+        raise ExportError(f"base model {folder} is a {model_type!r} model, not a vlarl token VLA; pass the model the "
+                          f"run started from with --base-model DIR.")
     for name in ("action_stats.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             raise ExportError(f"base model {folder} has no {name}; pass a folder written by vlarl with --base-model DIR.")
@@ -113,14 +119,15 @@ def lora_prefixes(state: dict) -> list[str]:
     return sorted(k.split(".lora_A.")[0] for k in state if ".lora_A." in k)
 
 
-def lora_scaling(ckpt: Checkpoint) -> float:
-    """peft's scaling alpha / r, with r read from the adapter shapes and alpha from the run config."""
+def lora_settings(ckpt: Checkpoint) -> dict:
+    """Rank (from the adapter shapes), alpha (from the run config) and peft's scaling alpha / rank."""
     alpha = ckpt.run_config.get("model", {}).get("lora_alpha")
     if alpha is None:
         raise ExportError(f"{ckpt.path / CONFIG_FILE} has no model.lora_alpha, so the adapters' scale is unknown; "
                           f"export a checkpoint written by vlarl's trainer.")
-    rank = ckpt.state[f"{lora_prefixes(ckpt.state)[0]}.lora_A.default.weight"].shape[0]
-    return float(alpha) / rank
+    prefixes = lora_prefixes(ckpt.state)
+    rank = int(ckpt.state[f"{prefixes[0]}.lora_A.default.weight"].shape[0])
+    return {"rank": rank, "alpha": alpha, "scaling": float(alpha) / rank, "modules": len(prefixes)}
 
 
 def check_adapters_fit(state: dict, shapes: dict, base: Path) -> None:
@@ -142,17 +149,17 @@ def check_base_matches(merged: dict, shapes: dict, base: Path, frozen: dict) -> 
     if set(merged) != set(shapes):
         extra, lacking = sorted(set(merged) - set(shapes)), sorted(set(shapes) - set(merged))
         raise ExportError(f"the checkpoint does not match the base model {base} (checkpoint-only parameters "
-                          f"{extra[:2]}, base-only {lacking[:2]}); pass the model the run started from with --base-model DIR.")
+                          f"{extra[:2]}, base-only {lacking[:2]}); {USE_RUN_BASE}")
     for k, v in merged.items():
         if tuple(v.shape) != shapes[k]:
             raise ExportError(f"the checkpoint does not match the base model {base} ({k} is {tuple(v.shape)} in the "
-                              f"checkpoint, {shapes[k]} in the base); pass the model the run started from with --base-model DIR.")
+                              f"checkpoint, {shapes[k]} in the base); {USE_RUN_BASE}")
     for f in weight_files(base):
         with safe_open(f, "pt") as st:
             for k in frozen.keys() & set(st.keys()):
                 if not torch.equal(st.get_tensor(k).to(frozen[k].dtype), frozen[k]):
                     raise ExportError(f"the checkpoint was trained from a different base model than {base} (the frozen "
-                                      f"weight {k} differs); pass the model the run started from with --base-model DIR.")
+                                      f"weight {k} differs); {USE_RUN_BASE}")
 
 
 def merged_state(ckpt: Checkpoint, base: Path) -> tuple[dict, dict | None]:
@@ -164,24 +171,18 @@ def merged_state(ckpt: Checkpoint, base: Path) -> tuple[dict, dict | None]:
         check_base_matches(ckpt.state, shapes, base, frozen={})
         return ckpt.state, None
     check_adapters_fit(ckpt.state, shapes, base)
-    scaling = lora_scaling(ckpt)
-    merged = merge_lora_state_dict(ckpt.state, scaling)
+    lora = lora_settings(ckpt)
+    merged = merge_lora_state_dict(ckpt.state, lora["scaling"])
     frozen = {k.replace(".base_layer.", "."): v for k, v in ckpt.state.items()
               if ".lora_" not in k and not k.startswith(TRAINED_WITH_LORA)}
     check_base_matches(merged, shapes, base, frozen)
-    rank = ckpt.state[f"{lora_prefixes(ckpt.state)[0]}.lora_A.default.weight"].shape[0]
-    return merged, {"rank": int(rank), "alpha": ckpt.run_config["model"]["lora_alpha"], "scaling": scaling,
-                    "modules": len(lora_prefixes(ckpt.state))}
+    return merged, lora
 
 
 # ---- writing ------------------------------------------------------------------------------------
 def build_model(base: Path, state: dict, dtype: torch.dtype):
     """A TokenVLA holding `state`, built on the meta device so no memory goes to a throwaway init."""
-    from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
-
     config = TokenVLAConfig.from_pretrained(base)
-    if getattr(config, "model_type", None) != TokenVLAConfig.model_type:
-        raise ExportError(f"base model {base} is not a vlarl token VLA; pass the model the run started from with --base-model DIR.")
     with torch.device("meta"):
         model = TokenVLA(config)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)

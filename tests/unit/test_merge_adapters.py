@@ -193,6 +193,13 @@ def test_base_model_with_other_weights_is_refused(lora_run, tmp_path):
     assert not (tmp_path / "policy").exists()
 
 
+def test_base_model_that_is_no_token_vla_is_refused(lora_run, tmp_path):
+    run_dir, _ = lora_run
+    out = export(run_dir / "best_return", tmp_path / "policy")
+    with pytest.raises(ExportError, match="is a 'llama' model, not a vlarl token VLA"):
+        export(run_dir / "best_return", tmp_path / "again", base_model=str(out / "decoder"))
+
+
 def test_base_model_of_another_size_is_refused(full_run, tmp_path):
     run_dir, _ = full_run
     other = tmp_path / "wider_base"
