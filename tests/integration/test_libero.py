@@ -224,4 +224,4 @@ def test_eval_command_writes_report_and_playable_video(libero_run):
 def test_eval_command_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlarl.eval", "--checkpoint", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "not a vlarl checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "is not a vlarl checkpoint" in proc.stderr and "Traceback" not in proc.stderr

@@ -28,7 +28,13 @@ class RolloutWorker:
         if model.config.action_dim != want:
             raise ValueError(f"the model emits {model.config.action_dim} action values per call but env.action_chunk="
                              f"{self.cfg.env.action_chunk} needs {want}; match env.action_chunk to the model.")
-        self.engine = HFEngine(model, tokenizer, action_tokenizer, device)
+        if self.cfg.rollout.engine == "vllm":
+            from vlarl.rollout.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(model, tokenizer, action_tokenizer, device, self.cfg.rollout.vllm_memory_fraction,
+                                     self.cfg.rollout.sync_bucket_mb)
+        else:
+            self.engine = HFEngine(model, tokenizer, action_tokenizer, device)
         self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
         self.num_envs = num_envs
         self.weights_version = 0
@@ -40,10 +46,11 @@ class RolloutWorker:
         return version
 
     def shutdown(self) -> None:
-        """Close the environments (LIBERO: stop the simulator processes) before the actor goes."""
-        close = getattr(self.env, "close", None)
-        if close:
-            close()
+        """Close the environments (LIBERO: stop the simulator processes) and the engine before the actor goes."""
+        for thing in (self.env, self.engine):
+            close = getattr(thing, "close", None)
+            if close:
+                close()
 
     def env_shape(self) -> dict:
         """What the driver needs to plan episodes: task and init-state counts, step limit."""
