@@ -155,3 +155,62 @@ def test_token_and_bad_requests(tmp_path):
         assert status == 200 and out["score"] == 1.0 and service.proc.poll() is None
     finally:
         service.stop()
+
+
+@needs_browser
+def test_toy_run_rewards_are_the_labels_given_in_the_browser(ray_local, browser, tmp_path):
+    from vlarl.config import load_config
+    from vlarl.trainer import train
+
+    port = free_port()
+    cfg = load_config([f"trainer.run_dir={tmp_path}", "trainer.iterations=1", "env=toy", "rollout.num_envs=4",
+                       "algo.minibatch_size=16", "algo.epochs=1", "rollout.eval_every=0", "cluster.dashboard=false",
+                       "reward=human", f"reward.port={port}", "reward.human_timeout=240"])
+    result, errors = {}, []
+
+    def run():
+        try:
+            result.update(train(cfg))
+        except BaseException as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    trainer = threading.Thread(target=run, daemon=True)
+    trainer.start()
+    page = f"http://127.0.0.1:{port}/"
+    wait_for(lambda: errors or _page_ready(browser, page), timeout=120, what="the labelling page of the run")
+    assert not errors, errors
+    given = {}
+    for k in range(4):
+        episode = wait_for(lambda: errors or current_episode(browser), timeout=60, what=f"episode {k} on the page")
+        assert not errors, errors
+        if k == 0:
+            browser.find_element("id", "btn-success").click()
+            given[episode] = 1.0
+        elif k == 1:
+            browser.find_element("id", "btn-failure").click()
+            given[episode] = 0.0
+        else:  # a score: move the slider, then Enter
+            value = -0.5 if k == 2 else 0.3
+            browser.execute_script(f"document.getElementById('score').value = {value}")
+            browser.find_element("tag name", "body").send_keys("\n")
+            given[episode] = value
+        wait_for(lambda: current_episode(browser) != episode, timeout=30, what="the page to move on")
+    trainer.join(timeout=180)
+    assert not trainer.is_alive() and not errors, errors
+    assert sorted(given) == [f"it000000-ep{i:04d}" for i in range(4)]
+
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["reward/human_timeouts"] == 0 and row["reward/human_labels"] == 4
+    # mean of 1, 0, -0.5, 0.3 = 0.2: no mix of the toy's 0/1 rewards over 4 episodes gives that
+    assert row["rollout/return"] == pytest.approx(np.mean(list(given.values())), abs=1e-6)
+    assert result["rollout/return"] == pytest.approx(row["rollout/return"])
+    store = LabelStore(tmp_path / "feedback" / "labels.sqlite", tmp_path.name)
+    assert store.labels(list(given)) == pytest.approx(given)
+
+
+def _page_ready(browser, url) -> bool:
+    try:
+        browser.get(url)
+    except Exception:  # the service is not listening yet
+        return False
+    return "Label episodes" in browser.page_source

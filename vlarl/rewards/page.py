@@ -11,7 +11,7 @@ PAGE = """<!doctype html>
  main { display: flex; gap: 2rem; align-items: flex-start; }
  #current { background: #fff; padding: 1rem 1.25rem; border-radius: 8px; box-shadow: 0 1px 3px #0002; }
  #instruction { font-size: 1.25rem; margin: .25rem 0 .75rem; }
- video { width: 384px; height: 384px; background: #000; image-rendering: pixelated; border-radius: 4px; }
+ video { width: 320px; height: 320px; background: #000; image-rendering: pixelated; border-radius: 4px; }
  .row { display: flex; gap: .5rem; align-items: center; margin-top: .75rem; }
  button { font-size: 1rem; padding: .45rem .9rem; border-radius: 6px; border: 1px solid #aab; cursor: pointer; }
  #btn-success { background: #d8f5dd; } #btn-failure { background: #fadcdc; }
