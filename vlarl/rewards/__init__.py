@@ -96,8 +96,10 @@ def check_reward_config(reward_cfg) -> None:
 def episodes_of(batch: TrajectoryBatch, iteration: int) -> list[Episode]:
     """The batch's episodes as provider input (frames only where the rollout recorded them)."""
     lengths = batch.lengths
+    # A rollout path that does not fill batch.actions hands providers (L, 0) actions rather than failing.
+    actions = batch.actions if batch.actions is not None else np.zeros((*batch.mask.shape, 0), np.float32)
     return [Episode(episode_id=f"it{iteration:06d}-ep{i:04d}", instruction=batch.instructions[i],
-                    actions=batch.actions[i, :lengths[i]], env_rewards=batch.rewards[i, :lengths[i]],
+                    actions=actions[i, :lengths[i]], env_rewards=batch.rewards[i, :lengths[i]],
                     success=bool(batch.success[i]), task_id=int(batch.task_ids[i]),
                     init_state_id=int(batch.init_state_ids[i]), weights_version=batch.weights_version,
                     frames=batch.videos.get(i))
