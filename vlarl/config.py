@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("algo", "model", "env", "cluster")
+GROUPS = ("algo", "model", "env", "cluster", "reward")
 
 
 class ConfigError(ValueError):
@@ -136,6 +136,24 @@ class TrainerConfig:
 
 
 @dataclass
+class RewardComponent:
+    name: str = "success"  # success | external | human (external and human read their own reward.* keys)
+    weight: float = 1.0  # multiplies this provider's rewards in the sum
+
+
+@dataclass
+class RewardConfig:
+    name: str = "success"  # success (the environment's) | external | composite | human (see vlarl/rewards)
+    function: Optional[str] = None  # external: module:function taking an Episode, returning a float or (L,) floats
+    components: list[RewardComponent] = field(default_factory=list)  # composite: providers summed with weights
+    mode: str = "web"  # human: web (a labelling page) | terminal (ask in this console)
+    human_fraction: float = 1.0  # human: fraction of each iteration's episodes offered for labelling
+    human_timeout: float = 300.0  # human: seconds to wait for labels before using the environment's reward
+    host: str = "127.0.0.1"  # human: address the labelling page binds; any other needs the printed token
+    port: int = 0  # human: port of the labelling page; 0 picks a free one (printed at start)
+
+
+@dataclass
 class Config:
     defaults: list = field(default_factory=list)  # group choices (consumed when composing)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -144,6 +162,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 CHOICES = {  # closed vocabularies checked after composition
@@ -154,6 +173,8 @@ CHOICES = {  # closed vocabularies checked after composition
     "cluster.device": ("cpu", "cuda"),
     "rollout.engine": ("hf", "vllm"),
     "env.render": ("auto", "egl", "osmesa"),
+    "reward.name": ("success", "external", "composite", "human"),
+    "reward.mode": ("web", "terminal"),
 }
 POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
@@ -274,6 +295,7 @@ def validate(cfg: DictConfig) -> None:
         _check_vllm(cfg)
     if cfg.env.settle_steps < 0:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
+    check_reward(cfg)
     from vlarl.envs.base import make_env
 
     try:  # the environment's own constraints (e.g. the toy's block layout), checked before any actor starts
@@ -305,13 +327,25 @@ def _check_vllm(cfg: DictConfig) -> None:
                               f"{max(1, hidden // 32)}, or use rollout.engine=hf.")
 
 
+def check_reward(cfg: DictConfig) -> None:
+    """The external function imports and returns finite numbers, composites are well formed."""
+    from vlarl.rewards import check_reward_config
+
+    if cfg.reward.human_timeout < 0 or not 0 <= cfg.reward.port < 65536:
+        raise ConfigError("reward.human_timeout must be >= 0 and reward.port in 0..65535 (0 picks a free port).")
+    try:
+        check_reward_config(cfg.reward)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def help_text() -> str:
     lines = ["usage: python -m vlarl.main [group=option ...] [key=value ...]", "", "groups:"]
     for g in GROUPS:
         lines.append(f"  {g}={{{','.join(group_options(g))}}}")
     lines += ["", "options (defaults shown for the default groups):"]
     cfg = load_config([])
-    for section in ("trainer", "rollout", "algo", "model", "env", "cluster"):
+    for section in ("trainer", "rollout", "algo", "model", "env", "cluster", "reward"):
         for key, value in _flatten(OmegaConf.to_container(cfg[section]), section):
             lines.append(f"  {key}={value}")
     return "\n".join(lines)

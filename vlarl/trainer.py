@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.envs.base import held_out_episodes
 from vlarl.metrics import MetricsLogger, Timer
+from vlarl.rewards import RewardProvider, make_reward, score
 from vlarl.workers.checkpoint import CheckpointActor
 from vlarl.workers.curriculum import CurriculumManager
 from vlarl.workers.learner import LearnerWorker
@@ -52,14 +53,18 @@ def train(cfg: DictConfig) -> dict:
                            cfg.trainer.wandb_project)
     logger.info(f"vlarl: {w.num_params:,} parameters, {len(w.rollout)} rollout worker(s), "
                 f"{len(w.learners)} learner rank(s); run dir {run_dir}")
+    reward = None
     try:
-        return loop(cfg, w, logger)
+        reward = make_reward(cfg, run_dir)
+        return loop(cfg, w, logger, reward)
     finally:
+        if reward is not None:
+            reward.close()
         logger.close()
         stop_workers(w)
 
 
-def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
+def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardProvider) -> dict:
     start, version, env_steps = resume(cfg, w, logger)
     # Rollout workers start from the learners' weights; a resumed run keeps its checkpointed version.
     version = push_weights(w, version if start else version + 1)
@@ -72,7 +77,9 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
     logger.start_clock()
     for it in range(start, cfg.trainer.iterations):
         with timer("collect"):
-            batch = collect(cfg, w, it, version)
+            batch = collect(cfg, w, it, version, frames_wanted(cfg, reward))
+        with timer("reward"):  # the one place rewards are decided, for every policy and algorithm
+            batch = score(reward, batch, it)
         with timer("update"):
             batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
             metrics = mean_over_ranks(ray.get([l.update.remote(batch_ref, it) for l in w.learners]))
@@ -83,7 +90,7 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger) -> dict:
             with timer("eval"):
                 metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
         env_steps += int(batch.lengths.sum())
-        metrics.update(rollout_metrics(batch), **ray.get(w.curriculum.stats.remote()))
+        metrics.update(rollout_metrics(batch), **reward.metrics(), **ray.get(w.curriculum.stats.remote()))
         metrics["env/restarts"] = batch.env_restarts
         metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
         if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
@@ -191,21 +198,27 @@ def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int
 
 
 # ---- the phases ---------------------------------------------------------------------------------
-def collect(cfg: DictConfig, w: Workers, iteration: int, version: int) -> TrajectoryBatch:
-    """One episode per environment from curriculum-chosen (task, init state) groups, split over workers."""
+def collect(cfg: DictConfig, w: Workers, iteration: int, version: int, record: int = 0) -> TrajectoryBatch:
+    """One episode per environment from curriculum-chosen (task, init state) groups, split over workers;
+    each worker records the frames of its first `record` episodes."""
     g = cfg.algo.group_size
     tasks, inits = ray.get(w.curriculum.sample.remote(iteration, cfg.rollout.num_envs // g, g))
     groups = np.repeat(np.arange(cfg.rollout.num_envs // g), g)
     parts = np.array_split(np.arange(cfg.rollout.num_envs), len(w.rollout))
     jobs = [([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist()) for p in parts]
-    return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration), group_offset=False)
+    return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration, record), group_offset=False)
 
 
-def run_episodes(w: Workers, version: int, jobs: list, iteration: int) -> list[TrajectoryBatch]:
+def frames_wanted(cfg: DictConfig, reward: RewardProvider) -> int:
+    """Episodes per rollout worker whose frames the reward provider needs (human labelling)."""
+    return int(round(reward.wants_frames * cfg.rollout.num_envs / cfg.cluster.num_rollout_workers))
+
+
+def run_episodes(w: Workers, version: int, jobs: list, iteration: int, record: int = 0) -> list[TrajectoryBatch]:
     """jobs[i] = (tasks, inits, groups) for rollout worker i. A worker that Ray restarted comes back
     with its starting weights: re-send the current ones and run the episodes again."""
     for _ in range(2):
-        batches = ray.get([r.collect.remote(*job, iteration) for r, job in zip(w.rollout, jobs)])
+        batches = ray.get([r.collect.remote(*job, iteration, record=record) for r, job in zip(w.rollout, jobs)])
         if all(b.weights_version == version for b in batches):
             return batches
         push_weights(w, version)

@@ -30,7 +30,7 @@ def test_defaults_load():
     assert cfg.rollout.engine == "hf"
     assert cfg.trainer.iterations == 2 and cfg.trainer.run_dir == "runs/default"  # from conf/config.yaml
     assert list(cfg.defaults) == [{"algo": "ppo"}, {"model": "tiny_token"}, {"env": "libero_spatial"},
-                                 {"cluster": "local_cpu"}]
+                                 {"cluster": "local_cpu"}, {"reward": "success"}]
 
 
 def test_group_options_are_the_yaml_files():

@@ -8,7 +8,8 @@ truncated episode's value). Arrays are numpy so they travel through Ray's object
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import numpy as np
 
@@ -30,6 +31,8 @@ class TrajectoryBatch:
     success: np.ndarray  # (N,) bool
     weights_version: int = 0  # version of the weights that generated the batch
     env_restarts: int = 0  # simulators restarted while collecting (their episodes end truncated)
+    actions: Optional[np.ndarray] = None  # (N, T, A) float32 actions sent to the environments (reward providers)
+    videos: dict = field(default_factory=dict)  # {episode: (L+1, H, W, 3) uint8} frames of recorded episodes
 
     @property
     def num_episodes(self) -> int:
@@ -49,7 +52,7 @@ class TrajectoryBatch:
     def concat(cls, batches: list["TrajectoryBatch"], group_offset: bool = True) -> "TrajectoryBatch":
         """Join batches along episodes, padding the step axis to the longest."""
         t_max = max(b.mask.shape[1] for b in batches)
-        out, next_group = {}, 0
+        out, next_group, offset = {}, 0, 0
         parts: dict[str, list] = {f.name: [] for f in fields(cls)}
         for b in batches:
             pad = t_max - b.mask.shape[1]
@@ -58,12 +61,16 @@ class TrajectoryBatch:
                 if f.name in ("weights_version", "instructions", "env_restarts"):
                     parts[f.name].append(v)
                     continue
+                if f.name == "videos" or v is None:  # frames keyed by episode index; actions may be absent
+                    parts[f.name].append({k + offset: x for k, x in v.items()} if f.name == "videos" else v)
+                    continue
                 if f.name == "group_ids" and group_offset:
                     v = v - v.min() + next_group
                     next_group = int(v.max()) + 1
                 if v.ndim >= 2 and pad:
                     v = np.concatenate([v, np.zeros((v.shape[0], pad, *v.shape[2:]), v.dtype)], 1)
                 parts[f.name].append(v)
+            offset += b.num_episodes
         for name, vs in parts.items():
             if name == "weights_version":
                 out[name] = min(vs)
@@ -71,6 +78,10 @@ class TrajectoryBatch:
                 out[name] = sum(vs)
             elif name == "instructions":
                 out[name] = [s for v in vs for s in v]
+            elif name == "videos":
+                out[name] = {k: f for v in vs for k, f in v.items()}
+            elif name == "actions":
+                out[name] = None if any(v is None for v in vs) else np.concatenate(vs, 0)
             else:
                 out[name] = np.concatenate(vs, 0)
         return cls(**out)

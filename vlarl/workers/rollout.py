@@ -60,9 +60,12 @@ class RolloutWorker:
                 "instructions": e.instructions()}
 
     def collect(self, task_ids: list[int], init_state_ids: list[int], group_ids: list[int],
-                iteration: int, greedy: bool = False) -> TrajectoryBatch:
-        """One episode per environment with the current policy (sampled, or greedy)."""
-        return self._episodes(task_ids, init_state_ids, group_ids, self._policy(iteration, greedy))[0]
+                iteration: int, greedy: bool = False, record: int = 0) -> TrajectoryBatch:
+        """One episode per environment with the current policy (sampled, or greedy); the first `record`
+        come back with their frames in batch.videos (for rewards that need them, e.g. human labels)."""
+        batch, videos = self._episodes(task_ids, init_state_ids, group_ids, self._policy(iteration, greedy), record)
+        batch.videos = videos
+        return batch
 
     def evaluate(self, task_ids: list[int], init_state_ids: list[int], iteration: int, record: int = 0) -> EvalEpisodes:
         """Greedy episodes; the first `record` come back with their frames for videos."""
@@ -111,6 +114,7 @@ class RolloutWorker:
         d = self.engine.model.config.action_dim
         tokens = np.zeros((n, horizon, d), np.int64)
         logprobs = np.zeros((n, horizon, d), np.float32)
+        sent = np.zeros((n, horizon, d), np.float32)
         rewards = np.zeros((n, horizon), np.float32)
         mask, dones, terminated = (np.zeros((n, horizon), bool) for _ in range(3))
         success, alive = np.zeros(n, bool), np.ones(n, bool)
@@ -123,7 +127,7 @@ class RolloutWorker:
             actions[:] = 0.0
             actions[live] = step_actions
             res = env.step(actions)
-            tokens[live, t], logprobs[live, t] = step_tokens, step_logprobs
+            tokens[live, t], logprobs[live, t], sent[:, t] = step_tokens, step_logprobs, actions
             rewards[:, t] = np.where(alive, res.reward, 0.0)
             mask[:, t] = alive
             ended = (res.terminated | res.truncated) & alive
@@ -146,6 +150,7 @@ class RolloutWorker:
             rollout_logprobs=logprobs[:, :steps], rewards=rewards[:, :steps], mask=mask[:, :steps],
             dones=dones[:, :steps], terminated=terminated[:, :steps], success=success,
             weights_version=self.weights_version, env_restarts=getattr(env, "restarts", 0) - restarts,
+            actions=sent[:, :steps],
         )
         return batch, {i: np.stack(f) for i, f in videos.items()}
 
