@@ -89,7 +89,10 @@ class VLLMEngine:
         self.llm = LLM(model=self._folder.name, enable_prompt_embeds=True, logprobs_mode="processed_logprobs",
                        skip_tokenizer_init=True, dtype=str(model.dtype).removeprefix("torch."),
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=device == "cpu",
-                       max_model_len=cfg.max_position_embeddings, seed=0)
+                       max_model_len=cfg.max_position_embeddings, seed=0,
+                       # A prompt split across scheduler steps breaks seeded sampling on vLLM CPU ("CPU Generator
+                       # does not use offset"): schedule whole prompts only.
+                       enable_chunked_prefill=False)
         self.bin_ids = list(range(model.first_bin_id, model.first_bin_id + NUM_BINS))
 
     @torch.no_grad()
