@@ -9,6 +9,7 @@ truncated episode's value). Arrays are numpy so they travel through Ray's object
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import numpy as np
 
@@ -21,8 +22,8 @@ class TrajectoryBatch:
     task_ids: np.ndarray  # (N,) int64
     init_state_ids: np.ndarray  # (N,) int64
     group_ids: np.ndarray  # (N,) int64: episodes of one (task, init state) group share an id
-    action_tokens: np.ndarray  # (N, T, D) int64 token ids
-    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine
+    action_tokens: np.ndarray  # (N, T, D) int64 token ids; (N, T, 0) for flow policies
+    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine; (N, T, 1) for flow
     rewards: np.ndarray  # (N, T) float32
     mask: np.ndarray  # (N, T) bool: step t is part of the episode
     dones: np.ndarray  # (N, T) bool: last step of the episode (terminated or truncated)
@@ -30,6 +31,8 @@ class TrajectoryBatch:
     success: np.ndarray  # (N,) bool
     weights_version: int = 0  # version of the weights that generated the batch
     env_restarts: int = 0  # simulators restarted while collecting (their episodes end truncated)
+    chains: Optional[np.ndarray] = None  # (N, T, K+1, A) float32 flow denoising chains x_1 .. x_0, flow policies only
+    sde_steps: Optional[np.ndarray] = None  # (N, T) int64 each chain's Gaussian step (Flow-SDE), else -1
 
     @property
     def num_episodes(self) -> int:
@@ -55,7 +58,7 @@ class TrajectoryBatch:
             pad = t_max - b.mask.shape[1]
             for f in fields(cls):
                 v = getattr(b, f.name)
-                if f.name in ("weights_version", "instructions", "env_restarts"):
+                if f.name in ("weights_version", "instructions", "env_restarts") or v is None:
                     parts[f.name].append(v)
                     continue
                 if f.name == "group_ids" and group_offset:
@@ -69,6 +72,8 @@ class TrajectoryBatch:
                 out[name] = min(vs)
             elif name == "env_restarts":
                 out[name] = sum(vs)
+            elif any(v is None for v in vs):  # an optional field some batch lacks
+                out[name] = None
             elif name == "instructions":
                 out[name] = [s for v in vs for s in v]
             else:
