@@ -1,4 +1,5 @@
-"""Learning benchmark: the tiny token VLA on the toy task with PPO (+ critic) and with GRPO.
+"""Learning benchmark: a tiny VLA (token, or flow with --model tiny_flow) on the toy task with PPO
+(+ critic) and with GRPO.
 
 For each algorithm it runs the real trainer (local Ray, FSDP learner, hf engine) from a fixed seed
 and records greedy success on held-out episodes: before training, after the behaviour-cloning
@@ -7,6 +8,7 @@ episodes it measures two baselines: a uniform random policy, and a scripted poli
 a random block ignoring the instruction (so beating it shows the policy reads the instruction).
 
     .venv/bin/python bench/learn_toy.py --out bench/results/learn_toy.json [--algos ppo grpo]
+    .venv/bin/python bench/learn_toy.py --model tiny_flow --algos ppo --out bench/results/learn_toy_flow.json
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from vlarl.envs.base import ACTION_DIM, held_out_episodes, make_env  # noqa: E40
 COMMON = ["env=toy", "trainer.bc_warmup_steps=4000", "trainer.iterations=60", "rollout.eval_every=10",
           "rollout.eval_episodes=256", "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"]
 PRESETS = {"ppo": ["algo=ppo", *COMMON], "grpo": ["algo=grpo", *COMMON]}
+# Per-model settings on top of the preset: the flow VLA samples with Flow-SDE (K=4, a=0.5) and
+# clips log-ratios at 5 nats, since one update can move a chain's log-density far.
+MODELS = {"tiny_token": ["model=tiny_token"], "tiny_flow": ["model=tiny_flow", "algo.log_ratio_clip=5.0"]}
 
 
 def baselines(cfg, episodes: int, seed: int = 0) -> dict:
@@ -60,7 +65,7 @@ def run(algo: str, overrides: list[str], run_dir: Path) -> dict:
     cfg = load_config([*PRESETS[algo], *overrides, f"trainer.run_dir={run_dir}", "trainer.resume=false",
                        "cluster.dashboard=false"])
     start = time.time()
-    train(cfg)
+    final = train(cfg)
     wall = time.time() - start
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     t0 = rows[0]["time"]
@@ -77,7 +82,17 @@ def run(algo: str, overrides: list[str], run_dir: Path) -> dict:
         "rl_gain": curve[-1]["greedy_success"] - before.get("eval/success_rate", curve[0]["greedy_success"]),
         "curve": curve,
         "eval_episodes": cfg.rollout.eval_episodes,
+        "parameters": _parameters(run_dir / "base_model"),
+        "last_metrics": {k: v for k, v in final.items() if k.startswith(("actor/", "critic/", "timing/"))},
     }
+
+
+def _parameters(folder: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return int(sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                       else int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()))
 
 
 def main() -> int:
@@ -85,12 +100,14 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/learn_toy.json")
     parser.add_argument("--algos", nargs="+", default=["ppo", "grpo"], choices=sorted(PRESETS))
     parser.add_argument("--run-root", default="runs/bench_learn_toy")
+    parser.add_argument("--model", default="tiny_token", choices=sorted(MODELS))
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = parser.parse_args()
     cfg = load_config([*COMMON, *args.overrides])
-    report = {"task": "toy", "baselines": baselines(cfg, cfg.rollout.eval_episodes), "runs": {}}
+    args.overrides = [*MODELS[args.model], *args.overrides]
+    report = {"task": "toy", "model": args.model, "baselines": baselines(cfg, cfg.rollout.eval_episodes), "runs": {}}
     for algo in args.algos:
-        report["runs"][algo] = run(algo, args.overrides, Path(args.run_root).resolve() / algo)
+        report["runs"][algo] = run(algo, args.overrides, Path(args.run_root).resolve() / f"{args.model}_{algo}")
         r = report["runs"][algo]
         r["beats_random_block_by"] = r["greedy_success_final"] - report["baselines"]["random_block"]
         r["passes"] = bool(r["greedy_success_initial"] <= 0.30 and r["greedy_success_final"] >= 0.70

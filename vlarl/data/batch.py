@@ -22,8 +22,8 @@ class TrajectoryBatch:
     task_ids: np.ndarray  # (N,) int64
     init_state_ids: np.ndarray  # (N,) int64
     group_ids: np.ndarray  # (N,) int64: episodes of one (task, init state) group share an id
-    action_tokens: np.ndarray  # (N, T, D) int64 token ids
-    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine
+    action_tokens: np.ndarray  # (N, T, D) int64 token ids; (N, T, 0) for flow policies
+    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine; (N, T, 1) for flow
     rewards: np.ndarray  # (N, T) float32
     mask: np.ndarray  # (N, T) bool: step t is part of the episode
     dones: np.ndarray  # (N, T) bool: last step of the episode (terminated or truncated)
@@ -33,6 +33,8 @@ class TrajectoryBatch:
     env_restarts: int = 0  # simulators restarted while collecting (their episodes end truncated)
     actions: Optional[np.ndarray] = None  # (N, T, A) float32 actions sent to the environments (reward providers)
     videos: dict = field(default_factory=dict)  # {episode: (L+1, H, W, 3) uint8} frames of recorded episodes
+    chains: Optional[np.ndarray] = None  # (N, T, K+1, A) float32 flow denoising chains x_1 .. x_0, flow policies only
+    sde_steps: Optional[np.ndarray] = None  # (N, T) int64 each chain's Gaussian step (Flow-SDE), else -1
 
     @property
     def num_episodes(self) -> int:
@@ -58,11 +60,11 @@ class TrajectoryBatch:
             pad = t_max - b.mask.shape[1]
             for f in fields(cls):
                 v = getattr(b, f.name)
-                if f.name in ("weights_version", "instructions", "env_restarts"):
+                if f.name in ("weights_version", "instructions", "env_restarts") or v is None:
                     parts[f.name].append(v)
                     continue
-                if f.name == "videos" or v is None:  # frames keyed by episode index; actions may be absent
-                    parts[f.name].append({k + offset: x for k, x in v.items()} if f.name == "videos" else v)
+                if f.name == "videos":  # frames keyed by episode index
+                    parts[f.name].append({k + offset: x for k, x in v.items()})
                     continue
                 if f.name == "group_ids" and group_offset:
                     v = v - v.min() + next_group
@@ -76,12 +78,12 @@ class TrajectoryBatch:
                 out[name] = min(vs)
             elif name == "env_restarts":
                 out[name] = sum(vs)
+            elif any(v is None for v in vs):  # an optional field some batch lacks
+                out[name] = None
             elif name == "instructions":
                 out[name] = [s for v in vs for s in v]
             elif name == "videos":
                 out[name] = {k: f for v in vs for k, f in v.items()}
-            elif name == "actions":
-                out[name] = None if any(v is None for v in vs) else np.concatenate(vs, 0)
             else:
                 out[name] = np.concatenate(vs, 0)
         return cls(**out)

@@ -49,9 +49,11 @@ def make_env(env_cfg, num_envs: int, seed: int):
             image_size=env_cfg.image_size, max_steps=env_cfg.max_steps, max_move=env_cfg.max_move,
             success_radius=env_cfg.success_radius, num_init_states=env_cfg.num_init_states,
         )
-        if env_cfg.action_chunk != 1:
-            raise ValueError("env=toy executes one action per policy call; set env.action_chunk=1.")
-        return ToyEnv(num_envs, spec, seed)
+        if env_cfg.action_chunk == 1:
+            return ToyEnv(num_envs, spec, seed)
+        from vlarl.envs.chunk import ChunkedEnv
+
+        return ChunkedEnv(ToyEnv(num_envs, spec, seed), env_cfg.action_chunk)
     from vlarl.envs.libero import LiberoEnv, LiberoSpec
 
     spec = LiberoSpec(

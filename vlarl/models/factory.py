@@ -8,6 +8,7 @@ their own tokenizer), followed by 256 action-bin tokens so the bins sit at the v
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM
 from vlarl.models.action_tokenizer import NUM_BINS, ActionStats, ActionTokenizer
+from vlarl.models.flow import FlowVLA, FlowVLAConfig
 from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -38,12 +40,16 @@ def build_text_tokenizer(instructions: list[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_token_vla(model_cfg, image_size: int, instructions: list[str], seed: int = 0, action_chunk: int = 1):
-    """A tiny token VLA, its tokenizer and identity action statistics, from config alone. With an
-    action chunk of n it emits n consecutive 7-D actions (7n tokens) per call."""
-    tokenizer = build_text_tokenizer(instructions)
+def build_tiny_model(model_cfg, image_size: int, instructions: list[str], seed: int = 0, action_chunk: int = 1):
+    """The tiny policy `model.policy` names (token or flow VLA), its tokenizer and action statistics."""
+    build = build_tiny_flow_vla if model_cfg.policy == "flow" else build_tiny_token_vla
+    return build(model_cfg, image_size, instructions, seed, action_chunk)
+
+
+def _tiny_backbone(model_cfg, image_size: int, tokenizer) -> dict:
+    """Vision, decoder and proprio settings shared by the tiny token and flow VLAs."""
     t = model_cfg.tiny
-    config = TokenVLAConfig(
+    return dict(
         vision_config=dict(hidden_size=t.vision_hidden, intermediate_size=2 * t.vision_hidden,
                            num_hidden_layers=t.vision_layers, num_attention_heads=4,
                            image_size=image_size, patch_size=t.patch_size, vision_use_head=False),
@@ -51,11 +57,37 @@ def build_tiny_token_vla(model_cfg, image_size: int, instructions: list[str], se
                          num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.heads,
                          max_position_embeddings=1024, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id),
-        proprio_dim=PROPRIO_DIM, use_proprio=model_cfg.use_proprio, action_dim=ACTION_DIM * action_chunk,
+        proprio_dim=PROPRIO_DIM, use_proprio=model_cfg.use_proprio,
     )
+
+
+def build_tiny_token_vla(model_cfg, image_size: int, instructions: list[str], seed: int = 0, action_chunk: int = 1):
+    """A tiny token VLA, its tokenizer and identity action statistics, from config alone. With an
+    action chunk of n it emits n consecutive 7-D actions (7n tokens) per call."""
+    tokenizer = build_text_tokenizer(instructions)
+    config = TokenVLAConfig(**_tiny_backbone(model_cfg, image_size, tokenizer), action_dim=ACTION_DIM * action_chunk)
     torch.manual_seed(seed)
     model = TokenVLA(config)
     return model, tokenizer, ActionStats.identity(ACTION_DIM * action_chunk)
+
+
+def build_tiny_flow_vla(model_cfg, image_size: int, instructions: list[str], seed: int = 0, action_chunk: int = 1):
+    """A tiny flow VLA (same backbone as the token VLA + action expert) denoising chunks of
+    `action_chunk` 7-D actions, with the sampler settings of `model_cfg.flow`."""
+    tokenizer = build_text_tokenizer(instructions)
+    f = model_cfg.flow
+    config = FlowVLAConfig(**_tiny_backbone(model_cfg, image_size, tokenizer), step_dim=ACTION_DIM,
+                           horizon=action_chunk, expert_hidden=f.expert_hidden, expert_layers=f.expert_layers,
+                           expert_heads=f.expert_heads, **sampler_settings(f))
+    torch.manual_seed(seed)
+    model = FlowVLA(config)
+    return model, tokenizer, ActionStats.identity(ACTION_DIM * action_chunk)
+
+
+def sampler_settings(flow_cfg) -> dict:
+    """The flow sampler fields of `model.flow` (they define the log-probs, so the run's config wins
+    over what a loaded folder was saved with)."""
+    return {k: flow_cfg[k] for k in ("method", "num_steps", "noise_level", "noise_min", "noise_max", "std_floor")}
 
 
 def save_model(folder: str | Path, model: TokenVLA, tokenizer, stats: ActionStats, state_dict=None) -> None:
@@ -66,15 +98,21 @@ def save_model(folder: str | Path, model: TokenVLA, tokenizer, stats: ActionStat
     stats.save(folder)
 
 
-def load_model(folder: str | Path, dtype: str = "float32"):
-    """Load a model folder written by `save_model`; returns model, tokenizer, ActionTokenizer."""
+def load_model(folder: str | Path, dtype: str = "float32", flow_cfg=None):
+    """Load a model folder written by `save_model` (token or flow VLA); returns model, tokenizer,
+    ActionTokenizer. `flow_cfg` (model.flow) overrides a flow VLA's sampler settings."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # actors' logs should hold training output, not load bars
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); check model.path.")
-    model = TokenVLA.from_pretrained(folder, dtype=DTYPES[dtype])
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    cls = FlowVLA if model_type == FlowVLAConfig.model_type else TokenVLA
+    model = cls.from_pretrained(folder, dtype=DTYPES[dtype])
+    if isinstance(model, FlowVLA) and flow_cfg is not None:
+        for key, value in sampler_settings(flow_cfg).items():
+            setattr(model.config, key, value)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     tokenizer.padding_side = "left"
     return model, tokenizer, ActionTokenizer(model.vocab_size, ActionStats.load(folder))

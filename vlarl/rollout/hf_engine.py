@@ -24,6 +24,10 @@ class ActionOutput:
     logprobs: np.ndarray  # (B, D) float32 rollout log-probs of the tokens at the temperature
     actions: np.ndarray  # (B, D) float32 actions in environment units
 
+    def record(self) -> dict:
+        """Per-step arrays for the TrajectoryBatch, keyed by field name."""
+        return {"action_tokens": self.tokens}
+
 
 class InstructionCache:
     """Tokenises each distinct instruction once; batches are left-padded to the longest."""
@@ -88,6 +92,13 @@ class HFEngine:
         tok = torch.stack(tokens, 1).cpu().numpy()
         return ActionOutput(tok, torch.stack(logprobs, 1).float().cpu().numpy(),
                             self.action_tokenizer.tokens_to_actions(tok))
+
+    def demonstration(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Expert actions (B, D) in env units -> (record, logprobs, executed actions): the actions'
+        bin tokens, zero log-probs, and the bin centres the environment then executes."""
+        at = self.action_tokenizer
+        tokens = at.actions_to_tokens(actions)
+        return {"action_tokens": tokens}, np.zeros(tokens.shape, np.float32), at.tokens_to_actions(tokens)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """In-place weight update from the learner (full, merged parameter names)."""

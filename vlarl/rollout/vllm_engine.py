@@ -29,7 +29,7 @@ import torch
 
 from vlarl.models.action_tokenizer import NUM_BINS, ActionTokenizer
 from vlarl.models.token_vla import TokenVLA
-from vlarl.rollout.hf_engine import ActionOutput, InstructionCache
+from vlarl.rollout.hf_engine import ActionOutput, HFEngine, InstructionCache
 
 DECODER_PREFIX = "language_model."  # TokenVLA parameter names of the decoder
 
@@ -117,6 +117,8 @@ class VLLMEngine:
         logprobs = np.array([[step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                              for o in outputs], np.float32)
         return ActionOutput(tokens, logprobs, self.action_tokenizer.tokens_to_actions(tokens))
+
+    demonstration = HFEngine.demonstration  # scripted actions -> bin tokens: nothing engine-specific
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict:
         """In-place update of the PyTorch prefix copy and of vLLM's decoder; returns sync stats."""

@@ -18,9 +18,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from vlarl.algo.advantages import gae, grpo, group_filter_mask, masked_whiten
+from vlarl.algo.guards import clip_log_ratio, kl_to_reference
 from vlarl.algo.losses import policy_loss, truncated_is_weights, value_loss
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.models.factory import apply_lora, load_model, merge_lora_state_dict
+from vlarl.models.flow import pack_chains
 from vlarl.rollout.hf_engine import InstructionCache
 
 
@@ -28,6 +30,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _register_forward_methods(model) -> None:
+    """FSDP2 gathers parameters around forward(); methods a model names in `fsdp_forward_methods`
+    (the flow VLA's flow-matching loss) get the same treatment."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for name in getattr(model, "fsdp_forward_methods", ()):
+        register_fsdp_forward_method(model, name)
 
 
 class StepInputs:
@@ -41,6 +52,14 @@ class StepInputs:
         """ep, t (B,) indices; tokens (B, D) -> model forward arguments"""
         b, to = self.batch, lambda x: torch.as_tensor(x).to(device)  # noqa: E731
         return (to(b.images[ep, t]), to(b.proprio[ep, t]), to(self.ids[ep]), to(self.text_mask[ep]), to(tokens))
+
+
+def step_actions(batch: TrajectoryBatch, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """What the model scores at steps (ep, t): token ids (S, D), or for a flow policy the packed
+    chains and SDE step indices (S, (K+1)*A + 1) (vlarl.models.flow.pack_chains)."""
+    if batch.chains is None:
+        return batch.action_tokens[ep, t]
+    return pack_chains(torch.from_numpy(batch.chains[ep, t]), torch.from_numpy(batch.sde_steps[ep, t])).numpy()
 
 
 class LearnerWorker:
@@ -65,7 +84,8 @@ class LearnerWorker:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model.dtype)
+        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model.dtype, self.cfg.model.flow)
+        self.ref_model = None  # the frozen policy RL starts from, taken at the first update (algo.kl_coef > 0)
         if self.cfg.model.lora_rank > 0:
             model = apply_lora(model, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
         model.to(self.device)
@@ -73,6 +93,7 @@ class LearnerWorker:
         for layer in [*model.vision.encoder.layers, *model.language_model.model.layers]:
             fully_shard(layer, mesh=mesh)
         self.model = fully_shard(model, mesh=mesh)
+        _register_forward_methods(self.model)
         self.instructions = InstructionCache(tokenizer)
         critic = [p for n, p in model.named_parameters() if n.startswith("value_head")]
         actor = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("value_head")]
@@ -97,7 +118,7 @@ class LearnerWorker:
         n_chunks = -(-per_rank // chunk)  # equal on every rank: FSDP needs matching forward calls
         for c in range(n_chunks):
             sel = mine[c * chunk:(c + 1) * chunk]
-            lp, _, v = self.model(*inputs.take(ep[sel], t[sel], tokens[sel], self.device), temperature=temperature)
+            lp, _, v, *_ = self.model(*inputs.take(ep[sel], t[sel], tokens[sel], self.device), temperature=temperature)
             logps.append(lp.cpu())
             vals.append(v.cpu())
         lp, v = torch.cat(logps), torch.cat(vals)
@@ -114,7 +135,9 @@ class LearnerWorker:
         self.model.train()
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
-        tokens = batch.action_tokens[ep, t]  # (S, D)
+        tokens = step_actions(batch, ep, t)  # (S, D) token ids or (S, X) packed flow chains
+        if a.kl_coef > 0 and self.ref_model is None:
+            self.ref_model = self._reference_model()
         old_logprobs, old_values = self._score_all(inputs, ep, t, tokens, temp)
         rollout_logprobs = torch.from_numpy(batch.rollout_logprobs[ep, t])
         metrics = {"rollout/logprob_abs_diff": (old_logprobs - rollout_logprobs).abs().mean().item()}
@@ -147,7 +170,7 @@ class LearnerWorker:
         if a.advantage == "gae":
             n, width = batch.mask.shape
             last_t = batch.last_obs_steps()
-            _, last_values = self._score_all(inputs, np.arange(n), last_t, batch.action_tokens[:, 0], temp)
+            _, last_values = self._score_all(inputs, np.arange(n), last_t, step_actions(batch, np.arange(n), 0 * last_t), temp)
             values = torch.zeros(n, width)
             values[ep, t] = old_values
             adv, ret = gae(torch.tensor(batch.rewards), values, torch.tensor(batch.dones),
@@ -168,16 +191,21 @@ class LearnerWorker:
                         is_weights, warmup, temp) -> dict:
         a = self.cfg.algo
         mine = self._my_slice(mb)
-        logprobs, entropy, values = self.model(*inputs.take(ep[mine], t[mine], tokens[mine], self.device), temperature=temp)
+        step_inputs = inputs.take(ep[mine], t[mine], tokens[mine], self.device)
+        logprobs, entropy, values, *stats = self.model(*step_inputs, temperature=temp)
         dev = lambda x: x[mine].to(self.device)  # noqa: E731
-        n_tok = len(mb) * tokens.shape[1]  # global element counts, so every rank divides alike
+        n_tok = len(mb) * logprobs.shape[1]  # global element counts, so every rank divides alike
         adv = dev(advantages)[:, None].expand_as(logprobs)
         ones = torch.ones_like(logprobs)
+        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, dev(old_logprobs), ones, n_tok, temp)
+        if a.log_ratio_clip > 0:
+            logprobs, clip_metrics = clip_log_ratio(logprobs, dev(old_logprobs), ones, a.log_ratio_clip)
+            guard_metrics.update(clip_metrics)
         pg, pm = policy_loss(logprobs, dev(old_logprobs), adv, ones, a.clip_low, a.clip_high,
                              is_weights=None if is_weights is None else dev(is_weights), normalizer=n_tok)
         vf, vm = value_loss(values, dev(old_values), dev(returns), torch.ones_like(values), a.vf_clip, normalizer=len(mb))
         ent = entropy.sum() / n_tok
-        loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent
+        loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent + guard_loss
         (loss * self.world_size).backward()  # FSDP averages gradients over ranks
         if warmup:  # critic warmup: only the value head moves (VLA-RL)
             for group in self.optimizer.param_groups[:1]:
@@ -187,14 +215,37 @@ class LearnerWorker:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        return {**pm, **vm, "actor/entropy": entropy.detach().mean().item(), "actor/grad_norm": float(grad_norm)}
+        model_stats = {k: float(v) for k, v in stats[0].items()} if stats else {}
+        return {**pm, **vm, **guard_metrics, **model_stats, "actor/entropy": entropy.detach().mean().item(),
+                "actor/grad_norm": float(grad_norm)}
+
+    def _guards(self, step_inputs, logprobs, old_logprobs, mask, n_tok, temp) -> tuple[torch.Tensor, dict]:
+        """KL penalty to the initial policy (algo.kl_coef), scored by the frozen reference copy."""
+        a = self.cfg.algo
+        if self.ref_model is None:
+            return logprobs.new_zeros(()), {}
+        with torch.no_grad():
+            ref_logprobs = self.ref_model(*step_inputs, temperature=temp)[0]
+        kl, metrics = kl_to_reference(logprobs, ref_logprobs, mask, normalizer=n_tok)
+        return a.kl_coef * kl, metrics
+
+    def _reference_model(self):
+        """Collective: a frozen, unsharded copy of the current weights (the policy RL starts from,
+        after any warm start; a resumed run takes its checkpoint's) for the KL penalty."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
+        ref, _, _ = load_model(self.model_folder, self.cfg.model.dtype, self.cfg.model.flow)
+        ref.load_state_dict(state)
+        return ref.to(self.device).eval().requires_grad_(False)
 
     # ---- behaviour cloning warm start ---------------------------------------------------------
     def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float) -> dict:
         """Supervised warm start on demonstration episodes: maximise log-prob of their tokens."""
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
-        tokens = batch.action_tokens[ep, t]
+        tokens = step_actions(batch, ep, t)
         opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
                                 foreach=True)
         rng = np.random.default_rng((self.cfg.trainer.seed, 2**31))  # a stream no iteration uses
@@ -203,8 +254,7 @@ class LearnerWorker:
         for _ in range(steps):
             mb = rng.choice(len(ep), size=min(minibatch, len(ep)), replace=False)
             mine = self._my_slice(mb)
-            logprobs, _, _ = self.model(*inputs.take(ep[mine], t[mine], tokens[mine], self.device), temperature=1.0)
-            loss = -logprobs.sum() / (len(mb) * tokens.shape[1])
+            loss = self._bc_loss(inputs.take(ep[mine], t[mine], tokens[mine], self.device), len(mb))
             (loss * self.world_size).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -212,6 +262,14 @@ class LearnerWorker:
             if self.rank == 0 and (len(losses) % 200 == 0 or len(losses) == steps):
                 print(f"vlarl: warm start {len(losses)}/{steps} steps, loss {np.mean(losses[-50:]):.3f}", flush=True)
         return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:]))}
+
+    def _bc_loss(self, step_inputs: tuple, global_count: int) -> torch.Tensor:
+        """Negative log-likelihood of demo tokens (token VLA) or flow matching (flow VLA), divided by
+        the global element count so ranks add up to one full-batch mean."""
+        if hasattr(self.model, "flow_matching_loss"):
+            return self.model.flow_matching_loss(*step_inputs).sum() / global_count
+        logprobs = self.model(*step_inputs, temperature=1.0)[0]
+        return -logprobs.sum() / (global_count * logprobs.shape[1])
 
     # ---- weights out and in -------------------------------------------------------------------
     def full_state(self) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from vlarl.data.batch import EvalEpisodes, TrajectoryBatch
 from vlarl.envs.base import ACTION_DIM, make_env
 from vlarl.models.factory import load_model
-from vlarl.rollout.hf_engine import HFEngine
+from vlarl.rollout.flow_engine import make_engine
 
 
 class RolloutWorker:
@@ -23,7 +23,7 @@ class RolloutWorker:
         self.index = index
         torch.set_num_threads(self.cfg.cluster.torch_threads)
         device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
-        model, tokenizer, action_tokenizer = load_model(model_folder, self.cfg.model.dtype)
+        model, tokenizer, action_tokenizer = load_model(model_folder, self.cfg.model.dtype, self.cfg.model.flow)
         want = ACTION_DIM * self.cfg.env.action_chunk
         if model.config.action_dim != want:
             raise ValueError(f"the model emits {model.config.action_dim} action values per call but env.action_chunk="
@@ -34,7 +34,7 @@ class RolloutWorker:
             self.engine = VLLMEngine(model, tokenizer, action_tokenizer, device, self.cfg.rollout.vllm_memory_fraction,
                                      self.cfg.rollout.sync_bucket_mb)
         else:
-            self.engine = HFEngine(model, tokenizer, action_tokenizer, device)
+            self.engine = make_engine(model, tokenizer, action_tokenizer, device)
         self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
         self.num_envs = num_envs
         self.weights_version = 0
@@ -82,7 +82,7 @@ class RolloutWorker:
 
         def policy(obs, live):
             out = self.engine.generate(_select(obs, live), temperature, greedy, gen)
-            return out.tokens, out.logprobs, out.actions
+            return out.record(), out.logprobs, out.actions
 
         return policy
 
@@ -90,12 +90,9 @@ class RolloutWorker:
         """One scripted expert episode per environment (for the behaviour-cloning warm start)."""
         if not hasattr(self.env, "expert_actions"):
             raise ValueError(f"env={self.cfg.env.name} has no scripted expert; set trainer.bc_warmup_steps=0.")
-        at = self.engine.action_tokenizer
 
         def policy(obs, live):
-            actions = self.env.expert_actions()[live]
-            tokens = at.actions_to_tokens(actions)
-            return tokens, np.zeros(tokens.shape, np.float32), at.tokens_to_actions(tokens)
+            return self.engine.demonstration(self.env.expert_actions()[live])
 
         return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)[0]
 
@@ -112,9 +109,9 @@ class RolloutWorker:
         images = np.zeros((n, horizon + 1, *obs["image"].shape[1:]), np.uint8)
         proprio = np.zeros((n, horizon + 1, obs["proprio"].shape[1]), np.float32)
         d = self.engine.model.config.action_dim
-        tokens = np.zeros((n, horizon, d), np.int64)
-        logprobs = np.zeros((n, horizon, d), np.float32)
-        sent = np.zeros((n, horizon, d), np.float32)
+        records: dict[str, np.ndarray] = {}  # per-step policy records (action tokens or flow chains), (n, horizon, ...)
+        logprobs = None
+        sent = np.zeros((n, horizon, d), np.float32)  # what the environments executed (reward providers)
         rewards = np.zeros((n, horizon), np.float32)
         mask, dones, terminated = (np.zeros((n, horizon), bool) for _ in range(3))
         success, alive = np.zeros(n, bool), np.ones(n, bool)
@@ -123,11 +120,12 @@ class RolloutWorker:
         steps = 0
         for t in range(horizon):
             live = np.nonzero(alive)[0]
-            step_tokens, step_logprobs, step_actions = policy(obs, live)
+            step_record, step_logprobs, step_actions = policy(obs, live)
             actions[:] = 0.0
             actions[live] = step_actions
             res = env.step(actions)
-            tokens[live, t], logprobs[live, t], sent[:, t] = step_tokens, step_logprobs, actions
+            logprobs = _store(records, step_record, step_logprobs, live, t, n, horizon, logprobs)
+            sent[:, t] = actions
             rewards[:, t] = np.where(alive, res.reward, 0.0)
             mask[:, t] = alive
             ended = (res.terminated | res.truncated) & alive
@@ -146,13 +144,29 @@ class RolloutWorker:
             images=images[:, :steps + 1], proprio=proprio[:, :steps + 1],
             instructions=[env.instructions()[k] for k in task_ids],
             task_ids=np.asarray(task_ids, np.int64), init_state_ids=np.asarray(init_state_ids, np.int64),
-            group_ids=np.asarray(group_ids, np.int64), action_tokens=tokens[:, :steps],
+            group_ids=np.asarray(group_ids, np.int64),
+            **{"action_tokens": np.zeros((n, steps, 0), np.int64), **{k: v[:, :steps] for k, v in records.items()}},
             rollout_logprobs=logprobs[:, :steps], rewards=rewards[:, :steps], mask=mask[:, :steps],
             dones=dones[:, :steps], terminated=terminated[:, :steps], success=success,
             weights_version=self.weights_version, env_restarts=getattr(env, "restarts", 0) - restarts,
             actions=sent[:, :steps],
         )
         return batch, {i: np.stack(f) for i, f in videos.items()}
+
+
+def _store(records: dict, step_record: dict, step_logprobs: np.ndarray, live: np.ndarray, t: int, n: int,
+           horizon: int, logprobs: np.ndarray | None) -> np.ndarray:
+    """Write one step's policy record and log-probs into (n, horizon, ...) arrays, allocating them
+    from the first step's shapes (token ids (B, D), or a flow chain (B, K+1, A) and its SDE step).
+    Returns the log-prob array."""
+    for key, value in step_record.items():
+        if key not in records:
+            records[key] = np.zeros((n, horizon, *value.shape[1:]), value.dtype)
+        records[key][live, t] = value
+    if logprobs is None:
+        logprobs = np.zeros((n, horizon, *step_logprobs.shape[1:]), np.float32)
+    logprobs[live, t] = step_logprobs
+    return logprobs
 
 
 def _select(obs: dict, idx: np.ndarray) -> dict:

@@ -1,0 +1,57 @@
+"""Inference for flow VLAs: one prefix encoding, K expert calls, a stochastic chain per observation.
+
+Same interface as the token engine (`generate`, `demonstration`, `load_state_dict`); the per-step
+record it hands the rollout worker is the denoising chain and its SDE step index, which is what
+the learner needs to recompute the action's log-prob (vlarl/models/flow.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlarl.rollout.hf_engine import HFEngine
+
+
+@dataclass
+class FlowActionOutput:
+    chains: np.ndarray  # (B, K+1, A) float32 denoising chain x_1 (noise) .. x_0 (normalised action)
+    sde_steps: np.ndarray  # (B,) int64 index of the Gaussian step (Flow-SDE), -1 otherwise
+    logprobs: np.ndarray  # (B, 1) float32 log-density of the chain's stochastic step(s)
+    actions: np.ndarray  # (B, A) float32 actions in environment units
+
+    def record(self) -> dict:
+        """Per-step arrays for the TrajectoryBatch, keyed by field name."""
+        return {"chains": self.chains, "sde_steps": self.sde_steps}
+
+
+class FlowEngine(HFEngine):
+    @torch.no_grad()
+    def generate(self, obs: dict, temperature: float, greedy: bool = False,
+                 generator: torch.Generator | None = None) -> FlowActionOutput:
+        """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> FlowActionOutput.
+        `temperature` is unused: the sampler's noise is set by model.flow; greedy is the plain ODE."""
+        chains, sde_steps, logprobs, x0 = self.model.sample(*self.model_inputs(obs), greedy=greedy, generator=generator)
+        normalized = np.clip(x0.float().cpu().numpy(), -1, 1)
+        return FlowActionOutput(chains.float().cpu().numpy(), sde_steps.cpu().numpy(),
+                                logprobs.float().cpu().numpy()[:, None],
+                                self.action_tokenizer.unnormalize(normalized))
+
+    def demonstration(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Expert actions (B, A) in env units -> (record, logprobs (B, 1), executed actions). The
+        chain holds only x_0 (the normalised action), all the flow-matching warm start reads."""
+        normalized = self.action_tokenizer.normalize(actions)
+        chains = np.zeros((len(actions), self.model.num_steps + 1, normalized.shape[1]), np.float32)
+        chains[:, -1] = normalized
+        record = {"chains": chains, "sde_steps": np.full(len(actions), -1, np.int64)}
+        return record, np.zeros((len(actions), 1), np.float32), self.action_tokenizer.unnormalize(normalized)
+
+
+def make_engine(model, tokenizer, action_tokenizer, device: str) -> HFEngine:
+    """The engine that fits the model: FlowEngine for a flow VLA, the token engine otherwise."""
+    from vlarl.models.flow import FlowVLA
+
+    cls = FlowEngine if isinstance(model, FlowVLA) else HFEngine
+    return cls(model, tokenizer, action_tokenizer, device)
