@@ -189,8 +189,8 @@ class LiberoEnv:
             todo = [i for i in range(self.num_envs) if attempt == 0 or self._obs[i] is None]
             for i in todo:
                 self._obs[i] = None
-                self._sim(i).send(("reset", *self._episode[i], i < record))
-            replies = self._gather(todo, self.spec.reset_timeout, "reset")
+            replies = self._request({i: ("reset", *self._episode[i], i < record) for i in todo},
+                                    self.spec.reset_timeout, "reset")
             for i, reply in replies.items():
                 if reply[0] == "ok":
                     self._obs[i] = reply[1]
@@ -207,10 +207,8 @@ class LiberoEnv:
         reward = np.zeros(n, np.float32)
         terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
         live = [i for i in range(n) if not self._ended[i]]
-        for i in live:
-            budget = self.spec.max_steps - self._steps[i]
-            self._sims[i].send(("step", actions[i, :budget]))
-        for i, reply in self._gather(live, self.spec.step_timeout, "step").items():
+        messages = {i: ("step", actions[i, :self.spec.max_steps - self._steps[i]]) for i in live}
+        for i, reply in self._request(messages, self.spec.step_timeout, "step").items():
             if reply[0] != "ok":  # crashed or hung: replaced already; the episode ends here
                 truncated[i] = True
                 continue
@@ -224,8 +222,7 @@ class LiberoEnv:
     def place(self, env_index: int, obj: str, target: str) -> tuple[dict, bool]:
         """Debugging aid: put object `obj` on `target` in episode env_index's simulator; returns the
         packed observation and whether the task now counts as solved."""
-        self._sims[env_index].send(("place", obj, target))
-        reply = self._gather([env_index], self.spec.step_timeout, "place")[env_index]
+        reply = self._request({env_index: ("place", obj, target)}, self.spec.step_timeout, "place")[env_index]
         if reply[0] != "ok":
             raise SimulatorError(f"place failed: {reply[1]}")
         self._obs[env_index] = reply[1]
@@ -256,11 +253,19 @@ class LiberoEnv:
             self._sims[i] = _Sim(self._cfg, self._backend)
         return self._sims[i]
 
-    def _gather(self, idx: list[int], timeout: float, what: str) -> dict[int, tuple]:
-        """Wait for one reply from each simulator in idx. A simulator that dies, errs or misses the
-        deadline is killed and replaced (the new one builds lazily); its reply is ("failed", why)."""
+    def _request(self, messages: dict[int, tuple], timeout: float, what: str) -> dict[int, tuple]:
+        """Send messages[i] to simulator i, all at once, and wait for one reply from each. A simulator
+        that dies (even between two requests, so the send itself fails), errs or misses the deadline
+        is killed and replaced (the new one builds lazily); its reply is ("failed", why)."""
         replies: dict[int, tuple] = {}
-        pending = {self._sims[i].inbox: i for i in idx}
+        pending = {}
+        for i, msg in messages.items():
+            try:
+                self._sim(i).send(msg)
+                pending[self._sims[i].inbox] = i
+            except OSError as e:  # BrokenPipeError: the process is already gone
+                replies[i] = ("failed", f"exited before the {what} request ({e.strerror or e}, code "
+                                        f"{self._sims[i].proc.poll()})")
         deadline = time.monotonic() + timeout
         while pending:
             ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
