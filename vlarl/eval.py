@@ -172,10 +172,8 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
                         tasks: str | None = None, init_states: str | None = None, videos: int = 2,
                         overrides: list[str] = (), base_model: str | None = None) -> dict:
     import ray
-    from omegaconf import OmegaConf
 
-    from vlarl.trainer import init_ray
-    from vlarl.workers.rollout import RolloutWorker
+    from vlarl.trainer import SetupError, check_renderer, init_ray, release, start_rollout_workers
 
     path = Path(checkpoint).resolve()
     run_config, state, base = load_checkpoint(path, base_model)
@@ -186,13 +184,13 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
     started = time.monotonic()
     for suite in suites:
         cfg = suite_config(run_config, suite, list(overrides))
+        try:
+            check_renderer(cfg)
+        except SetupError as e:
+            raise EvalError(str(e)) from None
         init_ray(cfg)
-        c = cfg.cluster
-        per_worker = cfg.rollout.num_envs // c.num_rollout_workers
-        gpu = 1 if c.device == "cuda" else 0
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        workers = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu, max_restarts=1)
-                   .remote(plain, i, base, per_worker) for i in range(c.num_rollout_workers)]
+        per_worker = cfg.rollout.num_envs // cfg.cluster.num_rollout_workers
+        workers = start_rollout_workers(cfg, base)
         try:
             shape = ray.get(workers[0].env_shape.remote())
             task_ids = parse_ids(tasks, shape["num_tasks"], "tasks") or list(range(shape["num_tasks"]))
@@ -209,12 +207,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
                   f"states) on {len(workers)} worker(s) x {per_worker} envs", flush=True)
             result = greedy_episodes(workers, per_worker, episodes, 0, videos, 1, resend)
         finally:
-            try:
-                ray.get([w.shutdown.remote() for w in workers], timeout=30)
-            except Exception:  # a dead worker: killing it below is enough
-                pass
-            for w in workers:
-                ray.kill(w)
+            release(workers)
         rep = report(result, shape["instructions"], suite)
         rep["videos"] = write_videos(result, out_dir / "videos", prefix=f"{suite}_")
         summary["suites"][suite] = rep

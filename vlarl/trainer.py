@@ -154,10 +154,7 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     if gpu and have < c.num_rollout_workers + c.num_learners:
         raise SetupError(f"cluster.device=cuda needs {c.num_rollout_workers + c.num_learners} GPUs (one per rollout "
                          f"worker and learner rank) but the Ray cluster has {have:g}; use cluster.device=cpu or add GPUs.")
-    per_worker = cfg.rollout.num_envs // c.num_rollout_workers
-    rollout = [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=gpu, max_restarts=3,
-                                                 max_task_retries=1)
-               .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
+    rollout = start_rollout_workers(cfg, model_folder)
     learners = [ray.remote(LearnerWorker).options(num_cpus=c.cpus_per_learner, num_gpus=gpu)
                 .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
     addr, port = ray.get(learners[0].rendezvous_address.remote())
@@ -170,14 +167,29 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     return Workers(rollout, learners, curriculum, checkpoint, num_params)
 
 
+def start_rollout_workers(cfg: DictConfig, model_folder: str) -> list:
+    """cluster.num_rollout_workers RolloutWorker actors sharing rollout.num_envs environments."""
+    c = cfg.cluster
+    per_worker = cfg.rollout.num_envs // c.num_rollout_workers
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=int(c.device == "cuda"),
+                                              max_restarts=3, max_task_retries=1)
+            .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
+
+
 def stop_workers(w: Workers) -> None:
-    """Release the actors (and the learners' process group) so the cluster is free for the next job.
+    """Release the actors (and the learners' process group) so the cluster is free for the next job."""
+    release([*w.learners, *w.rollout], [w.curriculum, w.checkpoint])
+
+
+def release(closable: list, others: list = ()) -> None:
+    """Let `closable` actors shut down (process groups, simulators, engines), then kill them all.
     Never raises: on the way out of a failure the original error is the one worth seeing."""
     try:
-        ray.get([a.shutdown.remote() for a in [*w.learners, *w.rollout]], timeout=30)
-    except Exception:  # a dead or stuck actor: killing the actors below frees it anyway
+        ray.get([a.shutdown.remote() for a in closable], timeout=30)
+    except Exception:  # a dead or stuck actor: killing it below frees it anyway
         pass
-    for actor in [*w.rollout, *w.learners, w.curriculum, w.checkpoint]:
+    for actor in [*closable, *others]:
         ray.kill(actor)
 
 
