@@ -41,31 +41,34 @@ def test_sde_step_logprob_equals_torch_normal():
         mu = x - delta * v - (sigma**2 * delta / (2 * t)) * (x + (1 - t) * v)
         tt = torch.full((B, 1), t)
         assert torch.allclose(sde_mean(x, v, tt, torch.full((B, 1), sigma), delta), mu, atol=1e-6)
-        expected = Normal(mu, sigma * math.sqrt(delta)).log_prob(x_next).sum(-1)
+        expected = Normal(mu, sigma * math.sqrt(delta)).log_prob(x_next)
         got = gaussian_logprob(x_next, mu, torch.full((B, 7), sigma * math.sqrt(delta)))
+        assert got.shape == (B, 7)
         assert torch.allclose(got, expected, atol=1e-5), k
 
 
 @pytest.mark.parametrize("method", ["sde", "noise"])
 def test_stored_transition_logprob_matches_normal(method):
-    """The model's log-prob of a stored chain equals Normal's on the same mean and std."""
+    """The model's log-prob of a stored chain equals Normal's on the same mean and std, element by
+    element: Flow-SDE, the 7 values of its one Gaussian step; Flow-Noise, 7 per step, step-major."""
     model, inputs = tiny(method)
     chains, sde_steps, logprobs, _ = model.sample(*inputs, generator=torch.Generator().manual_seed(1))
     memory, pad, _ = model.encode(*inputs)
-    expected = torch.zeros(B)
+    per_step = []
     for k, t in enumerate(step_times(model.num_steps).tolist()):
         tt = torch.full((B,), t)
         v, raw = model.expert(memory, pad, chains[:, k], tt)
         mean, std, _ = model.gaussian_step(chains[:, k], v, raw, tt)
-        lp = Normal(mean, std).log_prob(chains[:, k + 1]).sum(-1)
-        expected += torch.where(sde_steps == k, lp, 0.0) if method == "sde" else lp
-    if method == "noise":
-        expected += Normal(0.0, 1.0).log_prob(chains[:, 0]).sum(-1)
-    else:
+        per_step.append(Normal(mean, std).log_prob(chains[:, k + 1]))
+    if method == "sde":
         assert ((sde_steps >= 0) & (sde_steps < model.num_steps)).all()
+        expected = torch.stack(per_step, 1)[torch.arange(B), sde_steps]
+    else:
+        expected = torch.cat(per_step, 1)
+    assert logprobs.shape == expected.shape == (B, model.logprob_width)
     assert torch.allclose(logprobs, expected.detach(), atol=1e-4)
     with torch.no_grad():
-        recomputed = model(*inputs, pack_chains(chains, sde_steps))[0][:, 0]
+        recomputed = model(*inputs, pack_chains(chains, sde_steps))[0]
     assert torch.allclose(recomputed, expected, atol=1e-4)
 
 
@@ -77,9 +80,10 @@ def test_recompute_with_unchanged_parameters_gives_ratio_one(method):
     # The stored record goes through numpy (the TrajectoryBatch) and back, as in a real update.
     packed = torch.from_numpy(pack_chains(chains, sde_steps).numpy())
     with torch.no_grad():
-        new = model(*inputs, packed)[0][:, 0]
+        new = model(*inputs, packed)[0]
     ratio = torch.exp(new - logprobs)
-    assert torch.allclose(ratio, torch.ones(B), atol=1e-6), ratio
+    assert ratio.shape == (B, model.logprob_width)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6), ratio
     # The stochastic chains differ from the plain ODE, which the greedy mode runs.
     greedy = model.sample(*inputs, greedy=True, generator=torch.Generator().manual_seed(2))
     assert (greedy[1] == -1).all() and not torch.allclose(greedy[0], chains)
@@ -152,7 +156,7 @@ def test_save_load_roundtrip_keeps_logprobs(tmp_path):
     assert isinstance(loaded, FlowVLA) and at.action_dim == 7
     chains, steps, lp, _ = model.sample(*inputs, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        assert torch.allclose(loaded.eval()(*inputs, pack_chains(chains, steps))[0][:, 0], lp, atol=1e-5)
+        assert torch.allclose(loaded.eval()(*inputs, pack_chains(chains, steps))[0], lp, atol=1e-5)
 
 
 def test_log_ratio_clip_and_kl_penalty():

@@ -42,15 +42,17 @@ def sde_mean(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sigma: torch.Ten
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, diag(std^2)) summed over the last dim: (B, A) -> (B,). std broadcasts."""
+    """log N(x; mean, std^2) per element: (B, A) -> (B, A); std broadcasts. A diagonal Gaussian's
+    density is the sum over the last dim; the learner keeps the elements apart (one PPO ratio per
+    action value, as one per token for the token VLA)."""
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand_as(x)
     z = (x - mean) / std
-    return (-0.5 * z**2 - torch.log(std) - LOG_SQRT_2PI).sum(-1)
+    return -0.5 * z**2 - torch.log(std) - LOG_SQRT_2PI
 
 
 def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
-    """Entropy of diag Gaussians, summed over the last dim: std (B, A) -> (B,)."""
-    return (torch.log(std) + 0.5 + LOG_SQRT_2PI).sum(-1)
+    """Entropy of each element's Gaussian: std (B, A) -> (B, A)."""
+    return torch.log(std) + 0.5 + LOG_SQRT_2PI
 
 
 def squash_std(raw: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ class TrajectoryBatch:
     init_state_ids: np.ndarray  # (N,) int64
     group_ids: np.ndarray  # (N,) int64: episodes of one (task, init state) group share an id
     action_tokens: np.ndarray  # (N, T, D) int64 token ids; (N, T, 0) for flow policies
-    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine; (N, T, 1) for flow
+    rollout_logprobs: np.ndarray  # (N, T, D) float32 log-probs under the rollout engine, per token or per flow element
     rewards: np.ndarray  # (N, T) float32
     mask: np.ndarray  # (N, T) bool: step t is part of the episode
     dones: np.ndarray  # (N, T) bool: last step of the episode (terminated or truncated)

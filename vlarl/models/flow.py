@@ -9,7 +9,10 @@ encoded once per call and the expert runs K times on it.
 Sampling for RL (formulas in vlarl/algo/flow.py and ANCHORS.md): `sde` makes one randomly chosen
 denoising step Gaussian and the rest Euler ODE steps, the action's log-prob being that step's
 density; `noise` adds a learned std (squashed into [noise_min, noise_max]) to every step, the
-log-prob being the chain's joint density. Evaluation is the plain ODE. A sampled chain
+log-prob being the chain's joint density. Log-probs stay per element (each action value of each
+Gaussian step), so PPO clips one ratio per element as it clips one per token for the token VLA; a
+single ratio of the whole 7-D (or K x 7-D) density swings with every irrelevant dimension and, on the
+toy task, left PPO without a learning signal. Evaluation is the plain ODE. A sampled chain
 x_1 (noise) .. x_0 (action) and the SDE step index are all the learner needs to recompute the
 log-prob under new parameters: `pack_chains` flattens them into one float row per policy call.
 """
@@ -116,6 +119,14 @@ class FlowVLA(TokenVLA):
     def num_steps(self) -> int:
         return self.config.num_steps
 
+    @property
+    def logprob_width(self) -> int:
+        """Log-prob elements per policy call, each with its own PPO ratio (as the token VLA has one per
+        token): Flow-SDE, the A values of its one Gaussian step; Flow-Noise, the K*A values of its K
+        steps. Their sum is the chain's log-density (for Flow-Noise up to log N(x_1; 0, I), which no
+        parameter changes and which is left out)."""
+        return self.config.action_dim * (1 if self.config.method == "sde" else self.config.num_steps)
+
     # ---- shared pieces -----------------------------------------------------------------------
     def encode(self, images, proprio, input_ids, text_mask):
         """Prefix -> memory (B, L, E_expert), pad (B, L) bool, values (B,) float32."""
@@ -149,13 +160,14 @@ class FlowVLA(TokenVLA):
                generator: torch.Generator | None = None):
         """Denoise one chunk per observation. Noise comes from `generator` on the CPU, so one seed
         gives the same draws on any device. Greedy runs the plain ODE (evaluation).
-        -> chains (B, K+1, A), sde_steps (B,) long (-1 when no single SDE step), logprobs (B,), x_0 (B, A)"""
+        -> chains (B, K+1, A), sde_steps (B,) long (-1 when no single SDE step),
+           logprobs (B, logprob_width) per element (zeros when greedy), x_0 (B, A)"""
         c, k_total = self.config, self.config.num_steps
         memory, pad, _ = self.encode(images, proprio, input_ids, text_mask)
         b, a, dev = memory.shape[0], c.action_dim, memory.device
         randn = lambda *s: torch.randn(*s, generator=generator).to(dev)  # noqa: E731
         x = randn(b, a)
-        chain, logprob = [x], gaussian_logprob(x, torch.zeros_like(x), 1.0) if c.method == "noise" else x.new_zeros(b)
+        chain, step_logprobs = [x], []
         sde_steps = torch.full((b,), -1, dtype=torch.long)
         if not greedy and c.method == "sde":
             sde_steps = torch.randint(0, k_total, (b,), generator=generator)
@@ -170,10 +182,15 @@ class FlowVLA(TokenVLA):
                 mean, std, _ = self.gaussian_step(x, v, raw, t)
                 noisy = mean + std * randn(b, a)
                 take = (sde_steps.to(dev) == k)[:, None] if c.method == "sde" else torch.ones_like(ode[:, :1], dtype=torch.bool)
-                step_lp = gaussian_logprob(noisy, mean, std)
-                logprob = logprob + torch.where(take[:, 0], step_lp, torch.zeros_like(step_lp))
+                step_logprobs.append(torch.where(take, gaussian_logprob(noisy, mean, std), 0.0))
                 x = torch.where(take, noisy, ode)
             chain.append(x)
+        if greedy:
+            logprob = x.new_zeros(b, self.logprob_width)
+        elif c.method == "sde":  # the one Gaussian step's elements; the other steps contributed zeros
+            logprob = torch.stack(step_logprobs).sum(0)
+        else:
+            logprob = torch.cat(step_logprobs, 1)
         return torch.stack(chain, 1), sde_steps, logprob, x
 
     # ---- learner -------------------------------------------------------------------------------
@@ -182,7 +199,8 @@ class FlowVLA(TokenVLA):
 
         action_tokens  # (B, (K+1)*A + 1) packed chains and SDE step indices (`pack_chains`)
         temperature    # unused: a flow policy's noise is set by its sampler, not a temperature
-        returns logprobs (B, 1), entropy (B, 1), values (B,), stats {name: scalar tensor}
+        returns logprobs (B, W), entropy (B, W), values (B,), stats {name: scalar tensor}, with
+        W = `logprob_width` Gaussian elements (see `logprob_width`)
         """
         c, k_total = self.config, self.config.num_steps
         chains, sde_steps = unpack_chains(action_tokens.float(), k_total, c.action_dim)
@@ -194,19 +212,16 @@ class FlowVLA(TokenVLA):
             x, x_next, t = chains[rows, k], chains[rows, k + 1], times[k]
             v, raw = self.expert(memory, pad, x, t)
             mean, std, at_floor = self.gaussian_step(x, v, raw, t)
-            logprobs = gaussian_logprob(x_next, mean, std)
-            entropy = gaussian_entropy(std)
         else:  # every step is Gaussian: run the K steps as one batch of B*K
             x, x_next = chains[:, :-1].reshape(b * k_total, -1), chains[:, 1:].reshape(b * k_total, -1)
             t = times.repeat(b)
             v, raw = self.expert(memory.repeat_interleave(k_total, 0), pad.repeat_interleave(k_total, 0), x, t)
             mean, std, at_floor = self.gaussian_step(x, v, raw, t)
-            logprobs = gaussian_logprob(x_next, mean, std).view(b, k_total).sum(1)
-            logprobs = logprobs + gaussian_logprob(chains[:, 0], torch.zeros_like(chains[:, 0]), 1.0)
-            entropy = gaussian_entropy(std).view(b, k_total).sum(1)
+        logprobs = gaussian_logprob(x_next, mean, std).reshape(b, -1)  # (B, A) or (B, K*A), step-major
+        entropy = gaussian_entropy(std).reshape(b, -1)
         stats = {"actor/std_at_floor": at_floor.detach(), "actor/std_mean": std.detach().mean()}
         # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.
-        return logprobs.float()[:, None].clone(), entropy.float()[:, None].clone(), values.clone(), stats
+        return logprobs.float().clone(), entropy.float().clone(), values.clone(), stats
 
     def flow_matching_loss(self, images, proprio, input_ids, text_mask, action_tokens):
         """Supervised flow matching on demonstrations (the warm start), per example (B,).

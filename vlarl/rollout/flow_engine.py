@@ -19,7 +19,7 @@ from vlarl.rollout.hf_engine import HFEngine
 class FlowActionOutput:
     chains: np.ndarray  # (B, K+1, A) float32 denoising chain x_1 (noise) .. x_0 (normalised action)
     sde_steps: np.ndarray  # (B,) int64 index of the Gaussian step (Flow-SDE), -1 otherwise
-    logprobs: np.ndarray  # (B, 1) float32 log-density of the chain's stochastic step(s)
+    logprobs: np.ndarray  # (B, W) float32 per-element log-densities of the Gaussian step(s) (FlowVLA.logprob_width)
     actions: np.ndarray  # (B, A) float32 actions in environment units
 
     def record(self) -> dict:
@@ -36,17 +36,18 @@ class FlowEngine(HFEngine):
         chains, sde_steps, logprobs, x0 = self.model.sample(*self.model_inputs(obs), greedy=greedy, generator=generator)
         normalized = np.clip(x0.float().cpu().numpy(), -1, 1)
         return FlowActionOutput(chains.float().cpu().numpy(), sde_steps.cpu().numpy(),
-                                logprobs.float().cpu().numpy()[:, None],
+                                logprobs.float().cpu().numpy(),
                                 self.action_tokenizer.unnormalize(normalized))
 
     def demonstration(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
-        """Expert actions (B, A) in env units -> (record, logprobs (B, 1), executed actions). The
+        """Expert actions (B, A) in env units -> (record, logprobs (B, W) zeros, executed actions). The
         chain holds only x_0 (the normalised action), all the flow-matching warm start reads."""
         normalized = self.action_tokenizer.normalize(actions)
         chains = np.zeros((len(actions), self.model.num_steps + 1, normalized.shape[1]), np.float32)
         chains[:, -1] = normalized
         record = {"chains": chains, "sde_steps": np.full(len(actions), -1, np.int64)}
-        return record, np.zeros((len(actions), 1), np.float32), self.action_tokenizer.unnormalize(normalized)
+        return record, np.zeros((len(actions), self.model.logprob_width), np.float32), \
+            self.action_tokenizer.unnormalize(normalized)
 
 
 def make_engine(model, tokenizer, action_tokenizer, device: str) -> HFEngine:
