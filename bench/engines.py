@@ -1,5 +1,6 @@
 """Inference engines side by side, in one run: actions/s of the vLLM engine vs the hf engine at
-batch 1, 16 and 64, and the vLLM weight sync (seconds, GB/s) for the tiny decoder and a ~100M one.
+batch 1, 16 and 64, and the vLLM weight sync (seconds, GB/s) for the tiny decoder and a ~100M one,
+over every weight transport the machine has (object_store; cuda_ipc and, with two GPUs, nccl on CUDA).
 
     .venv/bin/python bench/engines.py [--image-size 64] [--repeats 3] [--out bench/results/engines.json]
 
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from vlarl.models.action_tokenizer import ActionTokenizer  # noqa: E402
 from vlarl.models.factory import build_tiny_token_vla  # noqa: E402
 from vlarl.rollout.hf_engine import HFEngine  # noqa: E402
 from vlarl.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from vlarl.rollout.weight_sync import (broadcast_buckets, decoder_weights, export_ipc, gpu_uuid,  # noqa: E402
+                                       nccl_group, plan_buckets, prefix_weights)
+from vlarl.workers.learner import free_port  # noqa: E402
 
 INSTRUCTIONS = ["pick up the black bowl and place it on the plate", "open the top drawer of the cabinet"]
 
@@ -56,17 +61,58 @@ def build(overrides: list[str], size: int):
     return model, tokenizer, ActionTokenizer(model.vocab_size, stats)
 
 
-def sync_timing(engine: VLLMEngine, model, repeats: int) -> dict:
+def transports(device: str) -> list[str]:
+    """The weight transports this machine can run: object_store always; cuda_ipc on a GPU (the bench
+    process plays the learner on the engine's GPU); nccl with a second GPU for the sender."""
+    if device != "cuda":
+        return ["object_store"]
+    return ["object_store", "cuda_ipc"] + (["nccl"] if torch.cuda.device_count() > 1 else [])
+
+
+def push_once(engine: VLLMEngine, state: dict, transport: str, nccl: dict) -> dict:
+    """One sync of `state` into the engine over `transport`; the bench process is the sender."""
+    if transport == "object_store":
+        return engine.load_state_dict(state)
+    prefix = {k: v.cpu() for k, v in prefix_weights(state).items()}
+    if transport == "cuda_ipc":
+        payload, buffers = export_ipc(decoder_weights({k: v.cuda(0) for k, v in state.items()}), engine.bucket_bytes)
+        info = engine.receive_ipc(prefix, payload, gpu_uuid(0))
+        del buffers
+        return info
+    # nccl: the sender sits on cuda:1, the engine on cuda:0; the engine receives in a thread.
+    if "comm" not in nccl:
+        port = free_port()
+        joining = threading.Thread(target=engine.join_nccl, args=("127.0.0.1", port, 1, 2, "bench"))
+        joining.start()
+        nccl["comm"] = nccl_group("127.0.0.1", port, 0, 2, torch.device("cuda", 1))
+        joining.join()
+    pairs = decoder_weights({k: v.cuda(1) for k, v in state.items()})
+    metas = plan_buckets(pairs, engine.bucket_bytes)
+    out = {}
+    receiving = threading.Thread(target=lambda: out.update(engine.receive_nccl(prefix, metas, "bench")))
+    receiving.start()
+    broadcast_buckets(nccl["comm"], pairs, metas)
+    receiving.join()
+    return out
+
+
+def sync_timing(engine: VLLMEngine, model, repeats: int, device: str) -> dict:
+    """Seconds and GB/s of a decoder sync for each transport (median of `repeats`, after a warm-up);
+    the sender's copy to the GPU is outside the timed part only for object_store's host path."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    times, info = [], {}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        info = engine.load_state_dict(state)
-        times.append(time.perf_counter() - start)
-    decoder_gb = info["bytes"] / 1e9
-    return {"decoder_params": sum(p.numel() for p in model.language_model.parameters()),
-            "decoder_gb": decoder_gb, "buckets": info["buckets"], "seconds": float(np.median(times)),
-            "gb_per_s": decoder_gb / float(np.median(times))}
+    decoder_gb = sum(v.numel() * v.element_size() for _, v in decoder_weights(state)) / 1e9
+    row = {"decoder_params": sum(p.numel() for p in model.language_model.parameters()), "decoder_gb": decoder_gb}
+    nccl: dict = {}
+    for transport in transports(device):
+        push_once(engine, state, transport, nccl)  # warm-up (first NCCL group, allocator)
+        times, info = [], {}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            info = push_once(engine, state, transport, nccl)
+            times.append(time.perf_counter() - start)
+        seconds = float(np.median(times))
+        row[transport] = {"buckets": info["buckets"], "seconds": seconds, "gb_per_s": decoder_gb / seconds}
+    return row
 
 
 def main() -> None:
@@ -90,19 +136,21 @@ def main() -> None:
         report["actions_per_s"][batch] = row
         print(f"batch {batch}: hf {row['hf']:.1f} actions/s, vllm {row['vllm']:.1f} ({row['vllm_over_hf']:.2f}x)",
               flush=True)
-    report["weight_sync"]["tiny"] = sync_timing(vllm, model, args.repeats)
+    report["weight_sync"]["tiny"] = sync_timing(vllm, model, args.repeats, args.device)
     vllm.close()
     del vllm, hf
 
     # A ~100M-parameter decoder (LLaMA-shaped: 12 layers of 768) behind the same tiny vision encoder.
     big, tok, at = build(["model.tiny.hidden=768", "model.tiny.layers=12", "model.tiny.heads=12",
                           "model.tiny.intermediate=3072"], args.image_size)
-    vllm = VLLMEngine(big, tok, at, args.device, gpu_memory_utilization=0.1)
-    report["weight_sync"]["decoder_100m"] = sync_timing(vllm, big, args.repeats)
+    vllm = VLLMEngine(copy.deepcopy(big), tok, at, args.device, gpu_memory_utilization=0.1)
+    report["weight_sync"]["decoder_100m"] = sync_timing(vllm, big, args.repeats, args.device)
     vllm.close()
     for name, row in report["weight_sync"].items():
-        print(f"sync {name}: {row['decoder_params'] / 1e6:.1f}M params, {row['seconds']:.3f} s, "
-              f"{row['gb_per_s']:.2f} GB/s in {row['buckets']} buckets", flush=True)
+        for transport in transports(args.device):
+            t = row[transport]
+            print(f"sync {name} ({row['decoder_params'] / 1e6:.1f}M params) over {transport}: {t['seconds']:.3f} s, "
+                  f"{t['gb_per_s']:.2f} GB/s in {t['buckets']} buckets", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"report: {args.out}")

@@ -120,13 +120,15 @@ class ClusterConfig:
     cpus_per_learner: float = 1.0  # Ray CPUs reserved per learner rank
     torch_threads: int = 1  # intra-op threads in each actor (2-core boxes oversubscribe quickly)
     dashboard: bool = True  # start the Ray dashboard with a local cluster (http://127.0.0.1:8265)
+    colocate: bool = False  # cuda: rollout worker i and learner rank i share GPU i (vLLM sleeps while it trains)
 
 
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # inference engine: hf | vllm (the decoder in vLLM, the prefix in PyTorch)
     vllm_memory_fraction: float = 0.2  # vllm: share of GPU memory for weights and KV cache (host memory on CPU)
-    sync_bucket_mb: float = 64.0  # vllm: weight-sync bucket size; one RPC per bucket
+    sync_bucket_mb: float = 64.0  # vllm: weight-sync bucket size (object_store: one RPC per bucket)
+    weight_transport: str = "auto"  # vllm: auto | object_store | cuda_ipc | nccl (see README, Inference engines)
     num_envs: int = 64  # episodes collected per iteration (all workers together)
     temperature: float = 1.0  # sampling temperature of action tokens
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
@@ -191,6 +193,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),
     "rollout.engine": ("hf", "vllm"),
+    "rollout.weight_transport": ("auto", "object_store", "cuda_ipc", "nccl"),
     "env.render": ("auto", "egl", "osmesa"),
     "reward.name": ("success", "external", "composite", "human"),
     "reward.mode": ("web", "terminal"),
@@ -313,6 +316,7 @@ def validate(cfg: DictConfig) -> None:
                           "point it at a folder written by vlarl or leave it null to build the tiny model.")
     if cfg.rollout.engine == "vllm":
         _check_vllm(cfg)
+    check_transport(cfg)
     validate_flow(cfg)
     if cfg.env.settle_steps < 0:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
@@ -349,6 +353,31 @@ def _check_vllm(cfg: DictConfig) -> None:
             raise ConfigError(f"vLLM's CPU attention needs a head size of at least 32 but the decoder has "
                               f"{hidden} / {heads} = {hidden // heads}; for the tiny model set model.tiny.heads="
                               f"{max(1, hidden // 32)}, or use rollout.engine=hf.")
+
+
+def check_transport(cfg: DictConfig) -> None:
+    """Weight-sync transport and GPU sharing fit the device, the engine and the worker counts."""
+    c, transport = cfg.cluster, cfg.rollout.weight_transport
+    if transport in ("cuda_ipc", "nccl") and c.device != "cuda":
+        raise ConfigError(f"rollout.weight_transport={transport} moves weights between GPUs and needs "
+                          "cluster.device=cuda; on CPU use rollout.weight_transport=auto or object_store.")
+    if transport in ("cuda_ipc", "nccl") and cfg.rollout.engine != "vllm":
+        raise ConfigError(f"rollout.weight_transport={transport} feeds a vLLM engine; with rollout.engine=hf use "
+                          "rollout.weight_transport=auto or object_store.")
+    if c.colocate and c.device != "cuda":
+        raise ConfigError("cluster.colocate=true shares GPUs between learners and rollout workers and needs "
+                          "cluster.device=cuda; set cluster.colocate=false on CPU.")
+    if c.colocate and c.num_learners != c.num_rollout_workers:
+        raise ConfigError(f"cluster.colocate=true pairs each learner rank with one rollout worker on one GPU, but "
+                          f"there are {c.num_learners} learner rank(s) and {c.num_rollout_workers} rollout worker(s); "
+                          "make cluster.num_learners equal cluster.num_rollout_workers.")
+    if transport == "nccl" and c.colocate:
+        raise ConfigError("rollout.weight_transport=nccl cannot join a learner and an engine on one GPU (NCCL takes "
+                          "one rank per GPU); with cluster.colocate=true use rollout.weight_transport=cuda_ipc "
+                          "or auto.")
+    if transport == "cuda_ipc" and not c.colocate:
+        raise ConfigError("rollout.weight_transport=cuda_ipc needs the learner and the engine on one GPU: set "
+                          "cluster.colocate=true, or use rollout.weight_transport=nccl.")
 
 
 def check_reward(cfg: DictConfig) -> None:

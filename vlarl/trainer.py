@@ -37,6 +37,7 @@ class Workers:
     curriculum: object  # CurriculumManager actor handle
     checkpoint: object  # CheckpointActor actor handle
     num_params: int  # parameters of the policy
+    gpu_pairs: object = None  # placement group pairing rollout workers with learner ranks (cluster.colocate)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -81,6 +82,7 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
         with timer("reward"):  # the one place rewards are decided, for every policy and algorithm
             batch = score(reward, batch, it)
         with timer("update"):
+            sleep_engines(w)  # colocated vLLM engines give the GPU to the learners until the sync
             batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
             metrics = mean_over_ranks(ray.get([l.update.remote(batch_ref, it) for l in w.learners]))
         with timer("sync"):
@@ -151,11 +153,16 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
     gpu = 1 if c.device == "cuda" else 0
     have = ray.cluster_resources().get("GPU", 0)
-    if gpu and have < c.num_rollout_workers + c.num_learners:
-        raise SetupError(f"cluster.device=cuda needs {c.num_rollout_workers + c.num_learners} GPUs (one per rollout "
-                         f"worker and learner rank) but the Ray cluster has {have:g}; use cluster.device=cpu or add GPUs.")
-    rollout = start_rollout_workers(cfg, model_folder)
-    learners = [ray.remote(LearnerWorker).options(num_cpus=c.cpus_per_learner, num_gpus=gpu)
+    need = c.num_learners if c.colocate else c.num_rollout_workers + c.num_learners
+    if gpu and have < need:
+        raise SetupError(f"cluster.device=cuda needs {need} GPUs (one per rollout worker and learner rank, or per "
+                         f"pair with cluster.colocate) but the Ray cluster has {have:g}; use cluster.device=cpu or "
+                         "add GPUs.")
+    gpu_pairs = colocated_gpus(cfg) if c.colocate else None
+    rollout = start_rollout_workers(cfg, model_folder, gpu_pairs)
+    if gpu_pairs is not None:  # vLLM measures free GPU memory at start: let it, before the learners allocate
+        ray.get([r.env_shape.remote() for r in rollout])
+    learners = [ray.remote(LearnerWorker).options(num_cpus=c.cpus_per_learner, **gpu_share(gpu, gpu_pairs, r))
                 .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
     addr, port = ray.get(learners[0].rendezvous_address.remote())
     num_params = ray.get([l.setup.remote(addr, port) for l in learners])[0]
@@ -164,22 +171,51 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
         env_probe["num_tasks"], env_probe["num_init_states"], cfg.trainer.curriculum_alpha,
         cfg.trainer.curriculum_floor, cfg.trainer.seed)
     checkpoint = ray.remote(num_cpus=0)(CheckpointActor).remote(str(run_dir), cfg.trainer.keep_last, 0.99, plain)
-    return Workers(rollout, learners, curriculum, checkpoint, num_params)
+    return Workers(rollout, learners, curriculum, checkpoint, num_params, gpu_pairs)
 
 
-def start_rollout_workers(cfg: DictConfig, model_folder: str) -> list:
-    """cluster.num_rollout_workers RolloutWorker actors sharing rollout.num_envs environments."""
+def start_rollout_workers(cfg: DictConfig, model_folder: str, gpu_pairs=None) -> list:
+    """cluster.num_rollout_workers RolloutWorker actors sharing rollout.num_envs environments; with
+    `gpu_pairs` (colocated_gpus) worker i shares GPU i with learner rank i."""
     c = cfg.cluster
     per_worker = cfg.rollout.num_envs // c.num_rollout_workers
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, num_gpus=int(c.device == "cuda"),
-                                              max_restarts=3, max_task_retries=1)
+    gpu = int(c.device == "cuda")
+    return [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, max_restarts=3, max_task_retries=1,
+                                              **gpu_share(gpu, gpu_pairs, i))
             .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
+
+
+def colocated_gpus(cfg: DictConfig):
+    """A placement group of one bundle per GPU, each holding one rollout worker and one learner rank."""
+    from ray.util.placement_group import placement_group
+
+    c = cfg.cluster
+    bundle = {"GPU": 1, "CPU": c.cpus_per_rollout_worker + c.cpus_per_learner}
+    pg = placement_group([bundle] * c.num_learners, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=120)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise SetupError(f"cluster.colocate=true needs {c.num_learners} bundle(s) of {bundle} and the Ray cluster "
+                         "could not place them in 120 s; check `ray status` for free GPUs and CPUs.")
+    return pg
+
+
+def gpu_share(gpu: int, gpu_pairs, index: int) -> dict:
+    """Ray options for actor `index`: a whole GPU, or half of bundle `index`'s GPU when colocated."""
+    if gpu_pairs is None:
+        return {"num_gpus": gpu}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_gpus": 0.5, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        placement_group=gpu_pairs, placement_group_bundle_index=index)}
 
 
 def stop_workers(w: Workers) -> None:
     """Release the actors (and the learners' process group) so the cluster is free for the next job."""
     release([*w.learners, *w.rollout], [w.curriculum, w.checkpoint])
+    if w.gpu_pairs is not None:
+        ray.util.remove_placement_group(w.gpu_pairs)
 
 
 def release(closable: list, others: list = ()) -> None:
@@ -235,6 +271,12 @@ def run_episodes(w: Workers, version: int, jobs: list, iteration: int, record: i
             return batches
         push_weights(w, version)
     raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")
+
+
+def sleep_engines(w: Workers) -> None:
+    """vLLM engines that share GPUs with the learners free their memory (no-op otherwise); the next
+    weight push or rollout wakes them."""
+    ray.get([r.sleep.remote() for r in w.rollout])
 
 
 def push_weights(w: Workers, version: int) -> int:

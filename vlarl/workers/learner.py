@@ -24,6 +24,8 @@ from vlarl.data.batch import TrajectoryBatch
 from vlarl.models.factory import apply_lora, load_model, merge_lora_state_dict
 from vlarl.models.flow import pack_chains
 from vlarl.rollout.hf_engine import InstructionCache
+from vlarl.rollout.weight_sync import (broadcast_buckets, decoder_weights, export_ipc, gpu_uuid, nccl_group,
+                                       plan_buckets, prefix_weights, resolve_transport)
 
 
 def free_port() -> int:
@@ -69,6 +71,7 @@ class LearnerWorker:
         self.model_folder = model_folder
         self.device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
         torch.set_num_threads(self.cfg.cluster.torch_threads)
+        self._nccl, self._nccl_token = None, None  # weight-sync NCCL group with the engines (nccl transport)
 
     # ---- setup -----------------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -287,18 +290,70 @@ class LearnerWorker:
                        optim_state_dict=optimizer_state or {}, options=opts)
 
     def push_weights(self, rollout_workers: list, version: int) -> float:
-        """Collective: gather full weights, merge LoRA, and (rank 0) push them to every rollout worker."""
+        """Collective: gather full weights, merge LoRA, and push them to the rollout workers over
+        rollout.weight_transport (vlarl/rollout/weight_sync.py). Returns the GB this rank pushed."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank != 0:
-            return 0.0
+        r, c = self.cfg.rollout, self.cfg.cluster
+        transport = resolve_transport(r.weight_transport, r.engine, c.device, c.colocate)
+        # GPU transports read the gathered tensors where they are; object_store needs them in host memory.
+        on_host = transport == "object_store"
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_host))
+        if transport != "cuda_ipc" and self.rank != 0:
+            return 0.0  # cuda_ipc: every rank feeds its colocated worker; otherwise rank 0 feeds them all
+        state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
+        gb = float(sum(v.numel() * v.element_size() for v in state.values())) / 1e9
+        PUSH[transport](self, state, rollout_workers, version)
+        return gb
+
+    def _push_object_store(self, state: dict, workers: list, version: int) -> None:
         import ray
 
-        state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
         ref = ray.put(state)
-        ray.get([w.load_weights.remote(ref, version) for w in rollout_workers])
-        return float(sum(v.numel() * v.element_size() for v in state.values())) / 1e9  # GB pushed
+        ray.get([w.load_weights.remote(ref, version) for w in workers])
+
+    def _push_cuda_ipc(self, state: dict, workers: list, version: int) -> None:
+        """Hand this rank's colocated rollout worker IPC handles of bucket buffers on our GPU."""
+        import ray
+
+        if len(workers) != self.world_size:
+            raise RuntimeError(f"cuda_ipc pairs each learner rank with one rollout worker, got {len(workers)} workers "
+                               f"for {self.world_size} ranks.")
+        prefix = ray.put({k: v.cpu() for k, v in prefix_weights(state).items()})
+        pairs = decoder_weights(state)
+        state.clear()  # the buckets take over the decoder tensors: about one copy on the GPU at a time
+        payload, buffers = export_ipc(pairs, int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        ray.get(workers[self.rank].load_weights_ipc.remote(prefix, payload, gpu_uuid(), version))
+        del buffers, payload
+        torch.cuda.ipc_collect()  # release the exported blocks the engine has let go of
+
+    def _push_nccl(self, state: dict, workers: list, version: int) -> None:
+        """Broadcast bucket buffers to every engine over a NCCL group of rank 0 and the engines;
+        the bucket layout goes through Ray with the call that makes each engine receive."""
+        import ray
+
+        token = self._weight_group(workers)
+        metas = plan_buckets(decoder_weights(state), int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        prefix = ray.put({k: v.cpu() for k, v in prefix_weights(state).items()})
+        pending = [w.load_weights_nccl.remote(prefix, metas, token, version) for w in workers]
+        broadcast_buckets(self._nccl, decoder_weights(state), metas)
+        ray.get(pending)
+
+    def _weight_group(self, workers: list) -> str:
+        """The NCCL group of rank 0 and every worker's engine, formed again when a worker is not in it
+        (first push, a worker Ray restarted, another set of workers)."""
+        import ray
+
+        token = self._nccl_token
+        if token is not None and all(t == token for t in ray.get([w.weight_group_token.remote() for w in workers])):
+            return token
+        token = f"{socket.gethostname()}-{free_port()}-{len(workers)}"
+        host, port = ray.util.get_node_ip_address(), free_port()
+        joins = [w.join_weight_group.remote(host, port, i + 1, len(workers) + 1, token) for i, w in enumerate(workers)]
+        self._nccl = nccl_group(host, port, 0, len(workers) + 1, torch.device("cuda", torch.cuda.current_device()))
+        ray.get(joins)
+        self._nccl_token = token
+        return token
 
     def checkpoint_state(self):
         """Collective: (model_state, optimizer_state) for the CheckpointActor, filled on rank 0."""
@@ -307,3 +362,8 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# One push method per rollout.weight_transport (resolved; `auto` never reaches here).
+PUSH = {"object_store": LearnerWorker._push_object_store, "cuda_ipc": LearnerWorker._push_cuda_ipc,
+        "nccl": LearnerWorker._push_nccl}

@@ -30,20 +30,50 @@ class RolloutWorker:
                              f"{self.cfg.env.action_chunk} needs {want}; match env.action_chunk to the model.")
         if self.cfg.rollout.engine == "vllm":
             from vlarl.rollout.vllm_engine import VLLMEngine
+            from vlarl.rollout.weight_sync import resolve_transport
 
+            transport = resolve_transport(self.cfg.rollout.weight_transport, "vllm", device, self.cfg.cluster.colocate)
             self.engine = VLLMEngine(model, tokenizer, action_tokenizer, device, self.cfg.rollout.vllm_memory_fraction,
-                                     self.cfg.rollout.sync_bucket_mb)
+                                     self.cfg.rollout.sync_bucket_mb, sleep_mode=transport == "cuda_ipc")
         else:
             self.engine = make_engine(model, tokenizer, action_tokenizer, device)
         self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
         self.num_envs = num_envs
         self.weights_version = 0
+        self.weight_group = None  # token of the learner's NCCL weight-sync group this engine joined
 
     def load_weights(self, state_dict: dict, version: int) -> int:
-        """Take a weight push from learner rank 0; returns the new version."""
+        """Take a weight push from learner rank 0 (object-store transport); returns the new version."""
         self.engine.load_state_dict(state_dict)
         self.weights_version = version
         return version
+
+    def load_weights_ipc(self, prefix_state: dict, payload: list, uuid: str, version: int) -> int:
+        """cuda_ipc transport: the decoder's buckets as IPC handles of the learner's GPU buffers."""
+        self.engine.receive_ipc(prefix_state, payload, uuid)
+        self.weights_version = version
+        return version
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, token: str) -> None:
+        """nccl transport: join learner rank 0's broadcast group (collective with the learner)."""
+        self.engine.join_nccl(host, port, rank, world_size, token)
+        self.weight_group = token
+
+    def load_weights_nccl(self, prefix_state: dict, metas: list, token: str, version: int) -> int:
+        """nccl transport: receive the decoder's buckets from the learner's broadcasts."""
+        self.engine.receive_nccl(prefix_state, metas, token)
+        self.weights_version = version
+        return version
+
+    def weight_group_token(self) -> str | None:
+        """The NCCL weight-sync group this engine is in (None: none, e.g. after Ray restarted the actor)."""
+        return self.weight_group
+
+    def sleep(self) -> None:
+        """Colocated vLLM engine: give the GPU to the learner until the next weight push or rollout."""
+        sleep = getattr(self.engine, "sleep", None)
+        if sleep:
+            sleep()
 
     def shutdown(self) -> None:
         """Close the environments (LIBERO: stop the simulator processes) and the engine before the actor goes."""
