@@ -130,6 +130,7 @@ class RolloutConfig:
     sync_bucket_mb: float = 64.0  # vllm: weight-sync bucket size (object_store: one RPC per bucket)
     weight_transport: str = "auto"  # vllm: auto | object_store | cuda_ipc | nccl (see README, Inference engines)
     num_envs: int = 64  # episodes collected per iteration (all workers together)
+    pipeline_stages: int = 2  # each worker's envs in S groups: the engine generates for one while others step; 1 = off
     temperature: float = 1.0  # sampling temperature of action tokens
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
     eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
@@ -198,7 +199,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "reward.name": ("success", "external", "composite", "human"),
     "reward.mode": ("web", "terminal"),
 }
-POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
+POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "rollout.pipeline_stages", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",

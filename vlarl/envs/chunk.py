@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, StepResult
+from vlarl.envs.base import ACTION_DIM, StepResult, VecEnv
 
 
-class ChunkedEnv:
+class ChunkedEnv(VecEnv):
     def __init__(self, env, chunk: int):
         self.env, self.chunk = env, chunk
 
@@ -24,17 +24,18 @@ class ChunkedEnv:
     def max_steps(self) -> int:
         return -(-self.env.max_steps // self.chunk)
 
-    def step(self, actions) -> StepResult:
-        """actions (N, 7n) -> one StepResult covering up to n environment steps per env."""
+    def step(self, actions, env_ids=None) -> StepResult:
+        """actions (k, 7n) for episodes env_ids (all N when None) -> one StepResult per episode covering
+        up to n environment steps."""
         actions = np.asarray(actions, np.float32)
-        n = self.env.num_envs
+        n = self.env.num_envs if env_ids is None else len(env_ids)
         if actions.shape != (n, ACTION_DIM * self.chunk):
             raise ValueError(f"step needs actions of shape ({n}, {ACTION_DIM * self.chunk}) with "
                              f"env.action_chunk={self.chunk}, got {actions.shape}.")
         ended, reward = np.zeros(n, bool), np.zeros(n, np.float32)
         final = None
         for k in range(self.chunk):
-            res = self.env.step(actions[:, k * ACTION_DIM:(k + 1) * ACTION_DIM])
+            res = self.env.step(actions[:, k * ACTION_DIM:(k + 1) * ACTION_DIM], env_ids)
             live = ~ended
             reward += np.where(live, res.reward, 0.0).astype(np.float32)
             if final is None:

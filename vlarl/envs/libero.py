@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult
+from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult, VecEnv
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}  # the common evaluation protocol's limits
@@ -137,7 +137,7 @@ class _Sim:
         self.inbox.close(), self.outbox.close()
 
 
-class LiberoEnv:
+class LiberoEnv(VecEnv):
     def __init__(self, num_envs: int, spec: LiberoSpec, seed: int = 0):
         tasks = suite_tasks(spec.suite)
         if not 1 <= spec.num_tasks <= len(tasks):
@@ -165,6 +165,8 @@ class LiberoEnv:
         self._steps = np.zeros(num_envs, np.int64)  # simulator steps in the current episode
         self._ended = np.ones(num_envs, bool)
         self._obs: list[dict | None] = [None] * num_envs
+        self._waiting: dict[int, tuple[str, float, float]] = {}  # requests in flight: (what, timeout, deadline)
+        self._send_failed: dict[int, str] = {}  # simulators whose request could not even be sent: why
 
     def instructions(self) -> list[str]:
         return [instruction for _, instruction in self.tasks]
@@ -182,6 +184,7 @@ class LiberoEnv:
             if not (0 <= t < self.num_tasks and 0 <= k < SUITE_INIT_STATES):
                 raise ValueError(f"task {t} / init state {k} is outside {self.spec.suite} "
                                  f"({self.num_tasks} tasks, {SUITE_INIT_STATES} init states each).")
+        self._gather(list(self._waiting))  # steps a failed caller sent but never collected
         self._episode = list(zip(map(int, task_ids), map(int, init_state_ids)))
         self._steps[:] = 0
         self._ended[:] = False
@@ -200,23 +203,40 @@ class LiberoEnv:
         raise SimulatorError(f"LIBERO simulator(s) {bad} failed to reset twice ({self.spec.suite}, episodes "
                              f"{[self._episode[i] for i in bad]}); see the simulator error above.")
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        """actions: (N, 7 * action_chunk) in env units. Episodes that already ended are not stepped."""
-        n = self.num_envs
+    def step(self, actions: np.ndarray, env_ids=None) -> StepResult:
+        """actions: (k, 7 * action_chunk) in env units for episodes env_ids (all when None); returns
+        their rows. Episodes that already ended are not stepped."""
+        ids = range(self.num_envs) if env_ids is None else env_ids
+        self.step_send(actions, ids)
+        return self.step_recv(ids)
+
+    def step_send(self, actions: np.ndarray, env_ids) -> None:
+        """Send one step to the simulators of episodes env_ids and return while they run."""
+        ids = [int(i) for i in env_ids]
         actions = to_robosuite(actions, self.spec.action_chunk, self.spec.invert_gripper)
-        reward = np.zeros(n, np.float32)
-        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
-        live = [i for i in range(n) if not self._ended[i]]
-        messages = {i: ("step", actions[i, :self.spec.max_steps - self._steps[i]]) for i in live}
-        for i, reply in self._request(messages, self.spec.step_timeout, "step").items():
-            if reply[0] != "ok":  # crashed or hung: replaced already; the episode ends here
-                truncated[i] = True
+        if len(actions) != len(ids):
+            raise ValueError(f"step needs one action row per environment: {len(actions)} rows for {len(ids)} ids.")
+        self._send({i: ("step", a[:self.spec.max_steps - self._steps[i]]) for i, a in zip(ids, actions)
+                    if not self._ended[i]}, self.spec.step_timeout, "step")
+
+    def step_recv(self, env_ids) -> StepResult:
+        """Wait for the step step_send started on env_ids; rows follow env_ids."""
+        ids = [int(i) for i in env_ids]
+        replies = self._gather(ids)
+        reward = np.zeros(len(ids), np.float32)
+        terminated, truncated = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+        for row, i in enumerate(ids):
+            if i not in replies:  # ended before: not stepped
                 continue
-            self._obs[i], reward[i], terminated[i], k = reply[1:]
+            reply = replies[i]
+            if reply[0] != "ok":  # crashed or hung: replaced already; the episode ends here
+                truncated[row] = True
+                continue
+            self._obs[i], reward[row], terminated[row], k = reply[1:]
             self._steps[i] += k
-            truncated[i] = not terminated[i] and self._steps[i] >= self.spec.max_steps
-        self._ended |= terminated | truncated
-        return StepResult(self._batch_obs(), reward, terminated, truncated,
+            truncated[row] = not terminated[row] and self._steps[i] >= self.spec.max_steps
+        self._ended[ids] |= terminated | truncated
+        return StepResult(self._batch_obs(ids), reward, terminated, truncated,
                           {"success": terminated.copy(), "restarts": self.restarts})
 
     def place(self, env_index: int, obj: str, target: str) -> tuple[dict, bool]:
@@ -254,23 +274,40 @@ class LiberoEnv:
         return self._sims[i]
 
     def _request(self, messages: dict[int, tuple], timeout: float, what: str) -> dict[int, tuple]:
-        """Send messages[i] to simulator i, all at once, and wait for one reply from each. A simulator
-        that dies (even between two requests, so the send itself fails), errs or misses the deadline
-        is killed and replaced (the new one builds lazily); its reply is ("failed", why)."""
-        replies: dict[int, tuple] = {}
-        pending = {}
+        """Send messages[i] to simulator i, all at once, and wait for one reply from each."""
+        self._send(messages, timeout, what)
+        return self._gather(list(messages))
+
+    def _send(self, messages: dict[int, tuple], timeout: float, what: str) -> None:
+        """Send messages[i] to simulator i without waiting; each reply is due `timeout` s from now."""
+        deadline = time.monotonic() + timeout
         for i, msg in messages.items():
+            if i in self._waiting:
+                raise RuntimeError(f"LIBERO simulator {i} already has a {self._waiting[i][0]} request in flight.")
             try:
                 self._sim(i).send(msg)
-                pending[self._sims[i].inbox] = i
             except OSError as e:  # BrokenPipeError: the process is already gone
-                replies[i] = ("failed", f"exited before the {what} request ({e.strerror or e}, code "
+                self._send_failed[i] = (f"exited before the {what} request ({e.strerror or e}, code "
                                         f"{self._sims[i].proc.poll()})")
-        deadline = time.monotonic() + timeout
+            self._waiting[i] = (what, timeout, deadline)
+
+    def _gather(self, ids: list[int]) -> dict[int, tuple]:
+        """Wait for the reply of every simulator in ids with a request in flight (others are left out).
+        A simulator that dies (even between two requests, so the send itself fails), errs or misses its
+        deadline is killed and replaced (the new one builds lazily); its reply is ("failed", why)."""
+        ids = [i for i in ids if i in self._waiting]
+        replies: dict[int, tuple] = {i: ("failed", self._send_failed.pop(i)) for i in ids if i in self._send_failed}
+        pending = {self._sims[i].inbox: i for i in ids if i not in replies}
         while pending:
+            deadline = min(self._waiting[i][2] for i in pending.values())
             ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                break
+                now = time.monotonic()
+                for conn, i in list(pending.items()):
+                    if self._waiting[i][2] <= now:
+                        del pending[conn]
+                        replies[i] = ("failed", f"no answer within {self._waiting[i][1]:g} s")
+                continue
             for conn in ready:
                 i = pending[conn]
                 try:
@@ -282,11 +319,10 @@ class LiberoEnv:
                     reply = ("failed", f"exited with code {self._sims[i].proc.poll()}")
                 del pending[conn]
                 replies[i] = reply
-        for i in pending.values():
-            replies[i] = ("failed", f"no answer within {timeout:g} s")
-        for i, reply in replies.items():
-            if reply[0] != "ok":
-                self._restart(i, what, reply[1])
+        for i in ids:
+            what = self._waiting.pop(i)[0]
+            if replies[i][0] != "ok":
+                self._restart(i, what, replies[i][1])
         return replies
 
     def _restart(self, i: int, what: str, why: str) -> None:
@@ -299,13 +335,16 @@ class LiberoEnv:
         self.restarts += 1
         self._sim(i)
 
-    def _batch_obs(self) -> dict:
-        obs = {"image": np.stack([o["image"] for o in self._obs]),
-               "proprio": np.stack([o["proprio"] for o in self._obs]).astype(np.float32),
-               "instruction": [self.tasks[t][1] for t, _ in self._episode]}
+    def _batch_obs(self, ids: list[int] | None = None) -> dict:
+        """Observation rows of episodes ids (all when None); frames keyed by episode index."""
+        ids = range(self.num_envs) if ids is None else ids
+        rows = [self._obs[i] for i in ids]
+        obs = {"image": np.stack([o["image"] for o in rows]),
+               "proprio": np.stack([o["proprio"] for o in rows]).astype(np.float32),
+               "instruction": [self.tasks[self._episode[i][0]][1] for i in ids]}
         if self.spec.wrist_camera:
-            obs["wrist_image"] = np.stack([o["wrist_image"] for o in self._obs])
-        frames = {i: o["frame"] for i, o in enumerate(self._obs) if "frame" in o}
+            obs["wrist_image"] = np.stack([o["wrist_image"] for o in rows])
+        frames = {i: o["frame"] for i, o in zip(ids, rows) if "frame" in o}
         if frames:
             obs["frames"] = frames
         assert obs["proprio"].shape[1] == PROPRIO_DIM

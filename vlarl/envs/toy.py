@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult
+from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult, VecEnv
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -43,7 +43,7 @@ class ToySpec:
     num_init_states: int = 10000  # layouts per task used for training
 
 
-class ToyEnv:
+class ToyEnv(VecEnv):
     """A batch of `num_envs` independent toy episodes stepped together."""
 
     def __init__(self, num_envs: int, spec: ToySpec = ToySpec(), seed: int = 0):
@@ -115,20 +115,22 @@ class ToyEnv:
         self._draw_board()
         return self._obs()
 
-    def step(self, actions) -> StepResult:
+    def step(self, actions, env_ids=None) -> StepResult:
+        """actions (k, 7) for episodes env_ids (all N when None) -> their StepResult rows."""
+        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids, np.int64)
         actions = np.asarray(actions, np.float32)
-        if actions.shape != (self.num_envs, ACTION_DIM):
-            raise ValueError(f"step needs actions of shape ({self.num_envs}, {ACTION_DIM}), got {actions.shape}.")
+        if actions.shape != (len(ids), ACTION_DIM):
+            raise ValueError(f"step needs actions of shape ({len(ids)}, {ACTION_DIM}), got {actions.shape}.")
         s = self.spec
-        self.pos = np.clip(self.pos + np.clip(actions[:, :2], -1, 1) * s.max_move, 0.0, 1.0)
-        self.steps += 1
-        dist = np.linalg.norm(self.block_pos - self.pos[:, None], axis=-1)  # (N, B)
+        self.pos[ids] = np.clip(self.pos[ids] + np.clip(actions[:, :2], -1, 1) * s.max_move, 0.0, 1.0)
+        self.steps[ids] += 1
+        dist = np.linalg.norm(self.block_pos[ids] - self.pos[ids, None], axis=-1)  # (k, B)
         touched = dist < s.success_radius
         success = touched[:, 0]
         terminated = touched.any(-1)
-        truncated = (self.steps >= s.max_steps) & ~terminated
+        truncated = (self.steps[ids] >= s.max_steps) & ~terminated
         reward = success.astype(np.float32)
-        return StepResult(self._obs(), reward, terminated, truncated, {"success": success.copy()})
+        return StepResult(self._obs(ids), reward, terminated, truncated, {"success": success.copy()})
 
     # ---- scripted policies: demonstrations and baselines ---------------------------------
     def expert_actions(self) -> np.ndarray:
@@ -153,15 +155,18 @@ class ToyEnv:
                 cx, cy = int(x * s.grid), int(y * s.grid)
                 self._board[i, cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell] = self._palette[c]
 
-    def _obs(self) -> dict:
+    def _obs(self, ids: np.ndarray | None = None) -> dict:
+        """Observation rows of episodes ids (all when None)."""
+        ids = np.arange(self.num_envs) if ids is None else ids
         size = self.spec.image_size
-        image = self._board.copy()
-        px = np.clip((self.pos * size).astype(np.int64), 1, size - 1)  # 2x2 effector marker
-        rows = np.arange(self.num_envs)
+        image = self._board[ids]  # (fancy indexing copies)
+        pos = self.pos[ids]
+        px = np.clip((pos * size).astype(np.int64), 1, size - 1)  # 2x2 effector marker
+        rows = np.arange(len(ids))
         for dy in (-1, 0):
             for dx in (-1, 0):
                 image[rows, px[:, 1] + dy, px[:, 0] + dx] = EFFECTOR
-        proprio = np.zeros((self.num_envs, PROPRIO_DIM), np.float32)
-        proprio[:, :2] = self.pos * 2 - 1
+        proprio = np.zeros((len(ids), PROPRIO_DIM), np.float32)
+        proprio[:, :2] = pos * 2 - 1
         instr = self.instructions()
-        return {"image": image, "proprio": proprio, "instruction": [instr[t] for t in self.task_ids]}
+        return {"image": image, "proprio": proprio, "instruction": [instr[t] for t in self.task_ids[ids]]}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vlarl.models.action_tokenizer import ActionTokenizer
 from vlarl.models.token_vla import TokenVLA
+from vlarl.rollout import sampling
 
 
 @dataclass
@@ -65,8 +66,9 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, obs: dict, temperature: float, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> ActionOutput:
-        """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> ActionOutput"""
+                 generator: sampling.Generators = None) -> ActionOutput:
+        """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> ActionOutput.
+        `generator`: one for the batch or one per row (vlarl/rollout/sampling.py)."""
         m = self.model
         embeds, mask, positions = m.prefix(*self.model_inputs(obs))
         out = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -78,8 +80,7 @@ class HFEngine:
             if greedy:
                 bins = logp.argmax(-1)
             else:
-                # Sample on the CPU: one seeded CPU generator gives the same draws on any device.
-                bins = torch.multinomial(logp.exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
+                bins = sampling.multinomial(logp.exp(), generator).to(logp.device)
             tokens.append(bins + m.first_bin_id)
             logprobs.append(logp.gather(-1, bins[:, None]).squeeze(-1))
             if d + 1 == m.config.action_dim:

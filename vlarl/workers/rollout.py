@@ -1,8 +1,15 @@
 """RolloutWorker: owns an inference engine and a set of environments, and collects episodes.
 
 `collect` runs every environment to the end of one episode from the given (task, init state)
-pairs and returns a TrajectoryBatch. Sampling noise comes from a generator seeded with
-(seed, iteration, worker, mode), so a resumed run draws the same actions an uninterrupted one would.
+pairs and returns a TrajectoryBatch. Sampling noise comes from one generator per environment seeded
+with (seed, iteration, worker, mode, environment), so a resumed run draws the same actions an
+uninterrupted one would.
+
+Pipelining (issue 4): the environments are split into `rollout.pipeline_stages` groups visited in a
+fixed round: the worker sends one stage's actions and, while its simulators step, generates the next
+stage's. The schedule never depends on which reply comes first, and every environment has its own
+generator, so the batch is the same for any number of stages (a flow VLA's noise excepted, see
+FlowEngine.generate).
 """
 
 from __future__ import annotations
@@ -106,12 +113,12 @@ class RolloutWorker:
                             weights_version=batch.weights_version, env_restarts=batch.env_restarts)
 
     def _policy(self, iteration: int, greedy: bool):
-        seed = np.random.SeedSequence([self.cfg.trainer.seed, iteration, self.index, int(greedy)])
-        gen = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        generators = [torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [self.cfg.trainer.seed, iteration, self.index, int(greedy), i]).generate_state(1)[0])) for i in range(self.num_envs)]
         temperature = self.cfg.rollout.temperature
 
-        def policy(obs, live):
-            out = self.engine.generate(_select(obs, live), temperature, greedy, gen)
+        def policy(obs, env_ids):
+            out = self.engine.generate(obs, temperature, greedy, [generators[i] for i in env_ids])
             return out.record(), out.logprobs, out.actions
 
         return policy
@@ -121,20 +128,22 @@ class RolloutWorker:
         if not hasattr(self.env, "expert_actions"):
             raise ValueError(f"env={self.cfg.env.name} has no scripted expert; set trainer.bc_warmup_steps=0.")
 
-        def policy(obs, live):
-            return self.engine.demonstration(self.env.expert_actions()[live])
+        def policy(obs, env_ids):
+            return self.engine.demonstration(self.env.expert_actions()[env_ids])
 
         return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)[0]
 
     def _episodes(self, task_ids, init_state_ids, group_ids, policy, record: int = 0) -> tuple[TrajectoryBatch, dict]:
-        """Run every environment to the end of one episode. Returns the batch and, for the first
-        `record` episodes, their frames (camera frames where the env renders them, else model images)."""
+        """Run every environment to the end of one episode, stage by stage (module docstring). `policy`
+        maps (observation rows, their env ids) to (record, logprobs, actions). Returns the batch and, for
+        the first `record` episodes, their frames (camera frames where the env renders them, else model
+        images)."""
         n, env = self.num_envs, self.env
         if len(task_ids) != n:
             raise ValueError(f"worker {self.index} runs {n} environments but was given {len(task_ids)} tasks.")
         restarts = getattr(env, "restarts", 0)
         obs = env.reset(task_ids, init_state_ids, record=record)
-        videos = {i: [_frame(obs, i)] for i in range(min(record, n))}
+        videos = {i: [_frame(obs, i, i)] for i in range(min(record, n))}
         horizon = env.max_steps
         images = np.zeros((n, horizon + 1, *obs["image"].shape[1:]), np.uint8)
         proprio = np.zeros((n, horizon + 1, obs["proprio"].shape[1]), np.float32)
@@ -144,32 +153,43 @@ class RolloutWorker:
         sent = np.zeros((n, horizon, d), np.float32)  # what the environments executed (reward providers)
         rewards = np.zeros((n, horizon), np.float32)
         mask, dones, terminated = (np.zeros((n, horizon), bool) for _ in range(3))
-        success, alive = np.zeros(n, bool), np.ones(n, bool)
+        success = np.zeros(n, bool)
         images[:, 0], proprio[:, 0] = obs["image"], obs["proprio"]
-        actions = np.zeros((n, d), np.float32)
-        steps = 0
-        for t in range(horizon):
-            live = np.nonzero(alive)[0]
-            step_record, step_logprobs, step_actions = policy(obs, live)
-            actions[:] = 0.0
-            actions[live] = step_actions
-            res = env.step(actions)
-            logprobs = _store(records, step_record, step_logprobs, live, t, n, horizon, logprobs)
-            sent[:, t] = actions
-            rewards[:, t] = np.where(alive, res.reward, 0.0)
-            mask[:, t] = alive
-            ended = (res.terminated | res.truncated) & alive
-            dones[:, t], terminated[:, t] = ended, res.terminated & alive
-            success |= res.info["success"] & alive
-            images[live, t + 1], proprio[live, t + 1] = res.obs["image"][live], res.obs["proprio"][live]
-            for i in videos:
-                if alive[i]:
-                    videos[i].append(_frame(res.obs, i))
-            obs = res.obs
-            alive &= ~ended
-            steps = t + 1
-            if not alive.any():
-                break
+        # Each stage: its running env ids and their observation rows (None once all its episodes ended).
+        stages = np.array_split(np.arange(n), min(self.cfg.rollout.pipeline_stages, n))
+        running: list[tuple[np.ndarray, dict] | None] = [(ids, _select(obs, ids)) for ids in stages]
+        t = [0] * len(stages)  # each stage's step
+
+        def act(k: int) -> None:  # generate for stage k and send it off
+            nonlocal logprobs
+            ids, stage_obs = running[k]
+            step_record, step_logprobs, step_actions = policy(stage_obs, ids)
+            env.step_send(step_actions, ids)
+            logprobs = _store(records, step_record, step_logprobs, ids, t[k], n, horizon, logprobs)
+            sent[ids, t[k]] = step_actions
+
+        for k in range(len(stages)):
+            act(k)
+        while any(running):
+            for k, stage in enumerate(running):
+                if stage is None:
+                    continue
+                ids, step = stage[0], t[k]
+                res = env.step_recv(ids)
+                ended = res.terminated | res.truncated
+                rewards[ids, step], mask[ids, step] = res.reward, True
+                dones[ids, step], terminated[ids, step] = ended, res.terminated
+                success[ids] |= res.info["success"]
+                images[ids, step + 1], proprio[ids, step + 1] = res.obs["image"], res.obs["proprio"]
+                for row, i in enumerate(ids):
+                    if i in videos:
+                        videos[i].append(_frame(res.obs, i, row))
+                t[k] = step + 1
+                keep = np.nonzero(~ended)[0]
+                running[k] = (ids[keep], _select(res.obs, keep)) if len(keep) and t[k] < horizon else None
+                if running[k] is not None:
+                    act(k)
+        steps = max(t)
         batch = TrajectoryBatch(
             images=images[:, :steps + 1], proprio=proprio[:, :steps + 1],
             instructions=[env.instructions()[k] for k in task_ids],
@@ -184,7 +204,7 @@ class RolloutWorker:
         return batch, {i: np.stack(f) for i, f in videos.items()}
 
 
-def _store(records: dict, step_record: dict, step_logprobs: np.ndarray, live: np.ndarray, t: int, n: int,
+def _store(records: dict, step_record: dict, step_logprobs: np.ndarray, ids: np.ndarray, t: int, n: int,
            horizon: int, logprobs: np.ndarray | None) -> np.ndarray:
     """Write one step's policy record and log-probs into (n, horizon, ...) arrays, allocating them
     from the first step's shapes (token ids (B, D), or a flow chain (B, K+1, A) and its SDE step).
@@ -192,16 +212,18 @@ def _store(records: dict, step_record: dict, step_logprobs: np.ndarray, live: np
     for key, value in step_record.items():
         if key not in records:
             records[key] = np.zeros((n, horizon, *value.shape[1:]), value.dtype)
-        records[key][live, t] = value
+        records[key][ids, t] = value
     if logprobs is None:
         logprobs = np.zeros((n, horizon, *step_logprobs.shape[1:]), np.float32)
-    logprobs[live, t] = step_logprobs
+    logprobs[ids, t] = step_logprobs
     return logprobs
 
 
-def _select(obs: dict, idx: np.ndarray) -> dict:
-    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in obs.items() if k != "frames"}
+def _select(obs: dict, rows: np.ndarray) -> dict:
+    """Rows of an observation batch, without the video frames (the engine's input)."""
+    return {k: ([v[i] for i in rows] if isinstance(v, list) else v[rows]) for k, v in obs.items() if k != "frames"}
 
 
-def _frame(obs: dict, i: int) -> np.ndarray:
-    return obs["frames"][i] if i in obs.get("frames", {}) else obs["image"][i]
+def _frame(obs: dict, i: int, row: int) -> np.ndarray:
+    """Video frame of env i, at `row` of the observation batch."""
+    return obs["frames"][i] if i in obs.get("frames", {}) else obs["image"][row]
