@@ -130,7 +130,7 @@ class RolloutConfig:
     sync_bucket_mb: float = 64.0  # vllm: weight-sync bucket size (object_store: one RPC per bucket)
     weight_transport: str = "auto"  # vllm: auto | object_store | cuda_ipc | nccl (see README, Inference engines)
     num_envs: int = 64  # episodes collected per iteration (all workers together)
-    pipeline_stages: int = 2  # each worker's envs in S groups: the engine generates for one while others step; 1 = off
+    pipeline_stages: int = 0  # a worker's envs in S groups, one stepping while the engine serves another; 1 = off, 0 = auto (LIBERO 2, toy 1)
     temperature: float = 1.0  # sampling temperature of action tokens
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
     eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
@@ -199,7 +199,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "reward.name": ("success", "external", "composite", "human"),
     "reward.mode": ("web", "terminal"),
 }
-POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "rollout.pipeline_stages", "algo.epochs", "algo.minibatch_size",
+POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
@@ -304,6 +304,9 @@ def validate(cfg: DictConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("trainer.wandb=true needs the wandb package: pip install 'vlarl[wandb]'.") from None
+    if cfg.rollout.pipeline_stages < 0:
+        raise ConfigError(f"rollout.pipeline_stages must be >= 0 (0 = auto, 1 = no pipelining), got "
+                          f"{cfg.rollout.pipeline_stages}.")
     if cfg.rollout.eval_every < 0:
         raise ConfigError(f"rollout.eval_every must be >= 0 (0 turns evaluation off), got {cfg.rollout.eval_every}.")
     if cfg.algo.advantage == "grpo" and cfg.algo.group_size < 2:

@@ -51,6 +51,7 @@ def assert_same(a, b) -> None:
 def test_toy_batches_do_not_depend_on_the_number_of_stages(tmp_path, chunk):
     n = 10  # stages of uneven size (S=3); episodes end at different steps inside each
     w = worker(tmp_path, ["env=toy", f"env.action_chunk={chunk}", "rollout.temperature=1.5"], n)
+    assert w.pipeline_stages == 1  # auto: the toy steps in-process, nothing to overlap
     tasks, inits = [i % 4 for i in range(n)], list(range(100, 100 + n))
     runs = {s: with_stages(w, s, lambda: w.collect(tasks, inits, list(range(n)), 3, record=2)) for s in (1, 2, 3)}
     lengths = runs[1].mask.sum(1)
@@ -72,6 +73,7 @@ def test_libero_batches_do_not_depend_on_the_number_of_stages(tmp_path):
     n = 2  # stages of one simulator each with S=2
     w = worker(tmp_path, ["env.max_steps=5", "env.settle_steps=2", "env.image_size=32", "env.camera_size=64"], n)
     try:
+        assert w.pipeline_stages == 2  # auto: simulators step in subprocesses
         tasks, inits = [0, 1], [0, 1]
         runs = {s: with_stages(w, s, lambda: w.collect(tasks, inits, list(range(n)), 0, record=1)) for s in (1, 2)}
         assert runs[1].mask.all() and runs[1].env_restarts == 0

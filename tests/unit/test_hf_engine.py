@@ -104,6 +104,18 @@ def test_seeded_sampling_is_reproducible(engine):
     assert not np.array_equal(a.tokens, c.tokens)
 
 
+def test_with_a_generator_per_row_a_sample_does_not_depend_on_its_batch_mates(engine):
+    """What pipeline stages rely on: rows 5-7 sampled alone or inside a batch of 8 draw the same tokens."""
+    obs = observations(8)
+    gens = lambda rows: [torch.Generator().manual_seed(100 + i) for i in rows]  # noqa: E731
+    full = engine.generate(obs, temperature=1.0, generator=gens(range(8)))
+    part = engine.generate({k: v[5:] for k, v in obs.items()}, temperature=1.0, generator=gens(range(5, 8)))
+    np.testing.assert_array_equal(full.tokens[5:], part.tokens)
+    np.testing.assert_allclose(full.logprobs[5:], part.logprobs, atol=1e-5, rtol=0)
+    other = engine.generate(obs, temperature=1.0, generator=gens(range(1, 9)))
+    assert not np.array_equal(other.tokens, full.tokens)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_the_forward(engine, temperature):
     obs = observations(8, seed=1)

@@ -40,6 +40,8 @@ class VecEnv:
     at once and a `step_recv` that hands the result back; LIBERO overrides both, its simulators stepping
     in their own processes meanwhile."""
 
+    steps_in_background = False  # True where step_send returns before the step is done (worth pipelining)
+
     def step(self, actions, env_ids=None) -> StepResult:
         raise NotImplementedError
 

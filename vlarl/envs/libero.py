@@ -138,6 +138,8 @@ class _Sim:
 
 
 class LiberoEnv(VecEnv):
+    steps_in_background = True
+
     def __init__(self, num_envs: int, spec: LiberoSpec, seed: int = 0):
         tasks = suite_tasks(spec.suite)
         if not 1 <= spec.num_tasks <= len(tasks):

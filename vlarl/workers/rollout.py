@@ -7,9 +7,10 @@ uninterrupted one would.
 
 Pipelining (issue 4): the environments are split into `rollout.pipeline_stages` groups visited in a
 fixed round: the worker sends one stage's actions and, while its simulators step, generates the next
-stage's. The schedule never depends on which reply comes first, and every environment has its own
-generator, so the batch is the same for any number of stages (a flow VLA's noise excepted, see
-FlowEngine.generate).
+stage's (auto: 2 stages for LIBERO, whose simulators step in subprocesses; 1 for the toy env, which
+steps in this process, so stages would only split the engine's batch). The schedule never depends on
+which reply comes first, and every environment has its own generator, so the batch is the same for
+any number of stages (a flow VLA's noise excepted, see FlowEngine.generate).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class RolloutWorker:
         self.num_envs = num_envs
         self.weights_version = 0
         self.weight_group = None  # token of the learner's NCCL weight-sync group this engine joined
+
+    @property
+    def pipeline_stages(self) -> int:
+        """rollout.pipeline_stages, with 0 (auto) resolved: stages pay only where envs step in the background."""
+        return self.cfg.rollout.pipeline_stages or (2 if self.env.steps_in_background else 1)
 
     def load_weights(self, state_dict: dict, version: int) -> int:
         """Take a weight push from learner rank 0 (object-store transport); returns the new version."""
@@ -113,8 +119,9 @@ class RolloutWorker:
                             weights_version=batch.weights_version, env_restarts=batch.env_restarts)
 
     def _policy(self, iteration: int, greedy: bool):
-        generators = [torch.Generator().manual_seed(int(np.random.SeedSequence(
-            [self.cfg.trainer.seed, iteration, self.index, int(greedy), i]).generate_state(1)[0])) for i in range(self.num_envs)]
+        seeds = [np.random.SeedSequence([self.cfg.trainer.seed, iteration, self.index, int(greedy), i])
+                 for i in range(self.num_envs)]
+        generators = [torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in seeds]  # one per env
         temperature = self.cfg.rollout.temperature
 
         def policy(obs, env_ids):
@@ -156,7 +163,7 @@ class RolloutWorker:
         success = np.zeros(n, bool)
         images[:, 0], proprio[:, 0] = obs["image"], obs["proprio"]
         # Each stage: its running env ids and their observation rows (None once all its episodes ended).
-        stages = np.array_split(np.arange(n), min(self.cfg.rollout.pipeline_stages, n))
+        stages = np.array_split(np.arange(n), min(self.pipeline_stages, n))
         running: list[tuple[np.ndarray, dict] | None] = [(ids, _select(obs, ids)) for ids in stages]
         t = [0] * len(stages)  # each stage's step
 
