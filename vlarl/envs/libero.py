@@ -281,8 +281,7 @@ class LiberoEnv(VecEnv):
         return self._gather(list(messages))
 
     def _send(self, messages: dict[int, tuple], timeout: float, what: str) -> None:
-        """Send messages[i] to simulator i without waiting; each reply is due `timeout` s from now."""
-        deadline = time.monotonic() + timeout
+        """Send messages[i] to simulator i without waiting; each reply is due `timeout` s after its send."""
         for i, msg in messages.items():
             if i in self._waiting:
                 raise RuntimeError(f"LIBERO simulator {i} already has a {self._waiting[i][0]} request in flight.")
@@ -291,7 +290,7 @@ class LiberoEnv(VecEnv):
             except OSError as e:  # BrokenPipeError: the process is already gone
                 self._send_failed[i] = (f"exited before the {what} request ({e.strerror or e}, code "
                                         f"{self._sims[i].proc.poll()})")
-            self._waiting[i] = (what, timeout, deadline)
+            self._waiting[i] = (what, timeout, time.monotonic() + timeout)
 
     def _gather(self, ids: list[int]) -> dict[int, tuple]:
         """Wait for the reply of every simulator in ids with a request in flight (others are left out).
