@@ -1,5 +1,5 @@
-"""Learning benchmark: a tiny VLA (token, or flow with --model tiny_flow) on the toy task with PPO
-(+ critic) and with GRPO.
+"""Learning benchmark: tiny VLAs (token and/or flow, --model) on the toy task with PPO (+ critic)
+and with GRPO, every model on the same budget and the same held-out episodes.
 
 For each algorithm it runs the real trainer (local Ray, FSDP learner, hf engine) from a fixed seed
 and records greedy success on held-out episodes: before training, after the behaviour-cloning
@@ -8,7 +8,9 @@ episodes it measures two baselines: a uniform random policy, and a scripted poli
 a random block ignoring the instruction (so beating it shows the policy reads the instruction).
 
     .venv/bin/python bench/learn_toy.py --out bench/results/learn_toy.json [--algos ppo grpo]
-    .venv/bin/python bench/learn_toy.py --model tiny_flow --algos ppo --out bench/results/learn_toy_flow.json
+    .venv/bin/python bench/learn_toy.py --model tiny_token tiny_flow --algos ppo --out bench/results/learn_toy_models.json
+
+The report holds runs[model][algo]: the success curve, wall time and parameter count of each.
 """
 
 from __future__ import annotations
@@ -100,19 +102,20 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/learn_toy.json")
     parser.add_argument("--algos", nargs="+", default=["ppo", "grpo"], choices=sorted(PRESETS))
     parser.add_argument("--run-root", default="runs/bench_learn_toy")
-    parser.add_argument("--model", default="tiny_token", choices=sorted(MODELS))
+    parser.add_argument("--model", nargs="+", default=["tiny_token"], choices=sorted(MODELS),
+                        help="one or more models, run one after the other on the same budget")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = parser.parse_args()
     cfg = load_config([*COMMON, *args.overrides])
-    args.overrides = [*MODELS[args.model], *args.overrides]
-    report = {"task": "toy", "model": args.model, "baselines": baselines(cfg, cfg.rollout.eval_episodes), "runs": {}}
-    for algo in args.algos:
-        report["runs"][algo] = run(algo, args.overrides, Path(args.run_root).resolve() / f"{args.model}_{algo}")
-        r = report["runs"][algo]
-        r["beats_random_block_by"] = r["greedy_success_final"] - report["baselines"]["random_block"]
-        r["passes"] = bool(r["greedy_success_initial"] <= 0.30 and r["greedy_success_final"] >= 0.70
-                           and r["beats_random_block_by"] >= 0.25 and r["wall_seconds"] <= 600)
-        print(json.dumps({algo: {k: v for k, v in r.items() if k != "curve"}}, indent=1), flush=True)
+    report = {"task": "toy", "baselines": baselines(cfg, cfg.rollout.eval_episodes), "runs": {}}
+    for model in args.model:
+        for algo in args.algos:
+            r = run(algo, [*MODELS[model], *args.overrides], Path(args.run_root).resolve() / f"{model}_{algo}")
+            r["beats_random_block_by"] = r["greedy_success_final"] - report["baselines"]["random_block"]
+            r["passes"] = bool(r["greedy_success_initial"] <= 0.30 and r["greedy_success_final"] >= 0.70
+                               and r["beats_random_block_by"] >= 0.25 and r["wall_seconds"] <= 600)
+            report["runs"].setdefault(model, {})[algo] = r
+            print(json.dumps({model: {algo: {k: v for k, v in r.items() if k != "curve"}}}, indent=1), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -30,12 +30,15 @@ def with_stages(w: RolloutWorker, stages: int, collect):
     return collect()
 
 
-def assert_same(a, b) -> None:
-    """Every field equal; log-probs to float32 rounding (a batched matmul rounds differently for a
-    batch of 10 rows than for 4 of them, as when episodes end beside each other without stages)."""
+def assert_same(a, b, continuous: bool = False) -> None:
+    """Every field equal; log-probs, and with a flow policy (`continuous`) every float field (its continuous actions
+    carry the rounding into the states), to float32 rounding: a batched matmul rounds differently
+    for a batch of 10 rows than for 4 of them, as when episodes end beside each other without stages."""
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
-        if f.name == "rollout_logprobs":
+        if x is None or y is None:
+            assert x is None and y is None, f.name
+        elif f.name == "rollout_logprobs" or (continuous and isinstance(x, np.ndarray) and x.dtype.kind == "f"):
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=f.name)
         elif isinstance(x, np.ndarray):
             np.testing.assert_array_equal(x, y, err_msg=f.name)
@@ -47,10 +50,10 @@ def assert_same(a, b) -> None:
             assert x == y, f.name
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_toy_batches_do_not_depend_on_the_number_of_stages(tmp_path, chunk):
-    n = 10  # stages of uneven size (S=3); episodes end at different steps inside each
-    w = worker(tmp_path, ["env=toy", f"env.action_chunk={chunk}", "rollout.temperature=1.5"], n)
+@pytest.mark.parametrize("chunk, model", [(1, "tiny_token"), (2, "tiny_token"), (2, "tiny_flow")])
+def test_toy_batches_do_not_depend_on_the_number_of_stages(tmp_path, chunk, model):
+    n, flow = 10, model == "tiny_flow"  # stages of uneven size (S=3); episodes end at different steps inside each
+    w = worker(tmp_path, ["env=toy", f"model={model}", f"env.action_chunk={chunk}", "rollout.temperature=1.5"], n)
     assert w.pipeline_stages == 1  # auto: the toy steps in-process, nothing to overlap
     tasks, inits = [i % 4 for i in range(n)], list(range(100, 100 + n))
     runs = {s: with_stages(w, s, lambda: w.collect(tasks, inits, list(range(n)), 3, record=2)) for s in (1, 2, 3)}
@@ -58,14 +61,15 @@ def test_toy_batches_do_not_depend_on_the_number_of_stages(tmp_path, chunk):
     assert lengths.min() < lengths.max()
     assert runs[1].videos[0].shape[0] == lengths[0] + 1
     for s in (2, 3):
-        assert_same(runs[1], runs[s])
+        assert_same(runs[1], runs[s], flow)
     other = w.collect(tasks, inits, list(range(n)), 4)  # another iteration, other draws
-    assert not np.array_equal(other.action_tokens[:, :1], runs[1].action_tokens[:, :1])
+    first = (lambda b: b.chains[:, :1]) if flow else (lambda b: b.action_tokens[:, :1])  # noqa: E731
+    assert not np.array_equal(first(other), first(runs[1]))
     demos = {s: with_stages(w, s, lambda: w.demonstrations(tasks, inits)) for s in (1, 2)}
-    assert_same(demos[1], demos[2])
+    assert_same(demos[1], demos[2], flow)
     assert demos[1].success.mean() > 0.5  # the expert (it may brush a distractor on its way)
     evals = {s: with_stages(w, s, lambda: w.evaluate(tasks, inits, 0, record=1)) for s in (1, 3)}
-    assert_same(evals[1], evals[3])
+    assert_same(evals[1], evals[3], flow)
 
 
 def test_libero_batches_do_not_depend_on_the_number_of_stages(tmp_path):

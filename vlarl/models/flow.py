@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModel
 from vlarl.algo.flow import (floor_std, gaussian_entropy, gaussian_logprob, sde_mean, sde_sigma, squash_std,
                              step_times)
 from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
+from vlarl.rollout import sampling
 
 METHODS = ("sde", "noise")
 
@@ -157,20 +158,21 @@ class FlowVLA(TokenVLA):
     # ---- rollout -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, images, proprio, input_ids, text_mask, greedy: bool = False,
-               generator: torch.Generator | None = None):
-        """Denoise one chunk per observation. Noise comes from `generator` on the CPU, so one seed
-        gives the same draws on any device. Greedy runs the plain ODE (evaluation).
+               generator: sampling.Generators = None):
+        """Denoise one chunk per observation. Noise comes from `generator` on the CPU (one per row, or
+        one for the batch: vlarl/rollout/sampling.py), so one seed gives the same draws on any device
+        and a row's draws do not depend on its batch-mates. Greedy runs the plain ODE (evaluation).
         -> chains (B, K+1, A), sde_steps (B,) long (-1 when no single SDE step),
            logprobs (B, logprob_width) per element (zeros when greedy), x_0 (B, A)"""
         c, k_total = self.config, self.config.num_steps
         memory, pad, _ = self.encode(images, proprio, input_ids, text_mask)
         b, a, dev = memory.shape[0], c.action_dim, memory.device
-        randn = lambda *s: torch.randn(*s, generator=generator).to(dev)  # noqa: E731
-        x = randn(b, a)
+        randn = lambda: sampling.randn(generator, b, a).to(dev)  # noqa: E731
+        x = randn()
         chain, step_logprobs = [x], []
         sde_steps = torch.full((b,), -1, dtype=torch.long)
         if not greedy and c.method == "sde":
-            sde_steps = torch.randint(0, k_total, (b,), generator=generator)
+            sde_steps = sampling.randint(generator, k_total, b)
         times = step_times(k_total).to(dev)
         for k in range(k_total):
             t = times[k].expand(b)
@@ -180,7 +182,7 @@ class FlowVLA(TokenVLA):
                 x = ode
             else:
                 mean, std, _ = self.gaussian_step(x, v, raw, t)
-                noisy = mean + std * randn(b, a)
+                noisy = mean + std * randn()
                 take = (sde_steps.to(dev) == k)[:, None] if c.method == "sde" else torch.ones_like(ode[:, :1], dtype=torch.bool)
                 step_logprobs.append(torch.where(take, gaussian_logprob(noisy, mean, std), 0.0))
                 x = torch.where(take, noisy, ode)

@@ -34,12 +34,7 @@ class FlowEngine(HFEngine):
                  generator: sampling.Generators = None) -> FlowActionOutput:
         """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> FlowActionOutput.
         `temperature` is unused: the sampler's noise is set by model.flow; greedy is the plain ODE.
-        FlowVLA.sample draws the batch's noise from one generator, so per-row generators are folded
-        into one seeded by a draw from each: reproducible, but a row's noise depends on its
-        batch-mates (and so on rollout.pipeline_stages) until the sampler draws per row."""
-        if isinstance(generator, list):
-            seed = np.random.SeedSequence([int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in generator])
-            generator = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        With one generator per row, each row's noise comes from its own (vlarl/rollout/sampling.py)."""
         chains, sde_steps, logprobs, x0 = self.model.sample(*self.model_inputs(obs), greedy=greedy, generator=generator)
         normalized = np.clip(x0.float().cpu().numpy(), -1, 1)
         return FlowActionOutput(chains.float().cpu().numpy(), sde_steps.cpu().numpy(),

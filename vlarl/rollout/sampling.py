@@ -30,3 +30,21 @@ def request_seeds(generator: Generators, n: int) -> list[int]:
             raise ValueError(f"{len(generator)} generators for {n} requests.")
         return [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in generator]
     return torch.randint(0, 2**31 - 1, (n,), generator=generator).tolist()
+
+
+def randn(generator: Generators, rows: int, width: int) -> torch.Tensor:
+    """Standard normal draws (rows, width) on the CPU, row i from generator i when given a list."""
+    if isinstance(generator, list):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows.")
+        return torch.stack([torch.randn(width, generator=g) for g in generator])
+    return torch.randn(rows, width, generator=generator)
+
+
+def randint(generator: Generators, high: int, rows: int) -> torch.Tensor:
+    """One integer in [0, high) per row (rows,) long on the CPU, row i from generator i when given a list."""
+    if isinstance(generator, list):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows.")
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in generator])
+    return torch.randint(0, high, (rows,), generator=generator)

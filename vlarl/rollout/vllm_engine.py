@@ -6,7 +6,7 @@ vLLM generates the D action tokens restricted to the 256 bin ids (`allowed_token
 the engine's `logprobs_mode="processed_logprobs"`, reports each token's log-probability after the
 temperature and the restriction: the same quantity the learner recomputes.
 
-Randomness: each request carries its own seed, drawn from the worker's seeded CPU generator, so a
+Randomness: each request carries its own seed, drawn from its environment's CPU generator, so a
 request's tokens do not depend on what else is in the batch or on scheduling.
 
 Weight sync (vlarl/rollout/weight_sync.py names the transports): the PyTorch copy keeps only what
@@ -32,6 +32,7 @@ import torch
 
 from vlarl.models.action_tokenizer import NUM_BINS, ActionTokenizer
 from vlarl.models.token_vla import TokenVLA
+from vlarl.rollout import sampling
 from vlarl.rollout.hf_engine import ActionOutput, HFEngine, InstructionCache
 from vlarl.rollout.weight_sync import decoder_weights, plan_buckets, prefix_weights
 
@@ -92,7 +93,7 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, obs: dict, temperature: float, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> ActionOutput:
+                 generator: sampling.Generators = None) -> ActionOutput:
         """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> ActionOutput"""
         from vllm import SamplingParams
 
@@ -104,7 +105,7 @@ class VLLMEngine:
         embeds, mask, _ = m.prefix(t(obs["image"]), t(obs["proprio"]), t(ids), t(mask))
         # Left padding is a batching artefact of the PyTorch prefix: each request gets its real tokens.
         prompts = [{"prompt_embeds": embeds[i][mask[i].bool()].cpu()} for i in range(len(embeds))]
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        seeds = sampling.request_seeds(generator, len(prompts))
         d = m.config.action_dim
         params = [SamplingParams(temperature=0.0 if greedy else temperature, max_tokens=d, min_tokens=d,
                                  allowed_token_ids=self.bin_ids, logprobs=0, detokenize=False, seed=s)
