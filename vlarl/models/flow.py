@@ -10,9 +10,9 @@ Sampling for RL (formulas in vlarl/algo/flow.py and ANCHORS.md): `sde` makes one
 denoising step Gaussian and the rest Euler ODE steps, the action's log-prob being that step's
 density; `noise` adds a learned std (squashed into [noise_min, noise_max]) to every step, the
 log-prob being the chain's joint density. Log-probs stay per element (each action value of each
-Gaussian step), so PPO clips one ratio per element as it clips one per token for the token VLA; a
-single ratio of the whole 7-D (or K x 7-D) density swings with every irrelevant dimension and, on the
-toy task, left PPO without a learning signal. Evaluation is the plain ODE. A sampled chain
+Gaussian step), so PPO clips one ratio per element as it clips one per token for the token VLA (a
+single ratio of the whole 7-D, or K x 7-D, density swings with every dimension at once: on the toy
+task its updates moved the policy 5-10x further per minibatch). Evaluation is the plain ODE. A sampled chain
 x_1 (noise) .. x_0 (action) and the SDE step index are all the learner needs to recompute the
 log-prob under new parameters: `pack_chains` flattens them into one float row per policy call.
 """
