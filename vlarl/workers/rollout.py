@@ -5,12 +5,13 @@ pairs and returns a TrajectoryBatch. Sampling noise comes from one generator per
 with (seed, iteration, worker, mode, environment), so a resumed run draws the same actions an
 uninterrupted one would.
 
-Pipelining (issue 4): the environments are split into `rollout.pipeline_stages` groups visited in a
-fixed round: the worker sends one stage's actions and, while its simulators step, generates the next
+Pipelining: the environments are split into `rollout.pipeline_stages` groups visited in a fixed
+round: the worker sends one stage's actions and, while its simulators step, generates the next
 stage's (auto: 2 stages for LIBERO, whose simulators step in subprocesses; 1 for the toy env, which
 steps in this process, so stages would only split the engine's batch). The schedule never depends on
 which reply comes first, and every environment has its own generator, so the batch is the same for
-any number of stages (a flow VLA's noise excepted, see FlowEngine.generate).
+any number of stages (a flow policy's continuous actions to float rounding: a batched matmul rounds
+differently at another batch size).
 """
 
 from __future__ import annotations
