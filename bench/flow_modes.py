@@ -3,8 +3,8 @@
 A flow VLA's evaluation runs the ODE from a random x_1 ~ N(0, I). This runs R greedy evaluations
 of a checkpoint's policy on the same held-out observations, each from other initial noise, and
 reports per observation how often it succeeds. Observations that succeed sometimes and fail
-other times have their outcome decided by x_1, which no Flow-SDE or Flow-Noise log-prob credits,
-so PPO has little signal there. The token VLA's greedy policy has no such noise (its spread is 0).
+other times have their outcome decided by x_1 (which no log-prob credits: its density has no
+parameters). The token VLA's greedy policy has no such noise (its spread is 0).
 
     .venv/bin/python bench/flow_modes.py --checkpoint RUN/checkpoints/step_000060 [--episodes 128] [--repeats 10]
 

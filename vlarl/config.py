@@ -66,7 +66,7 @@ class FlowModelConfig:
     expert_hidden: int = 64  # action expert width
     expert_layers: int = 2  # action expert depth
     expert_heads: int = 4  # action expert attention heads
-    method: str = "sde"  # RL sampler: sde (one Gaussian step per chunk) | noise (learned std on every step)
+    method: str = "noise"  # RL sampler: noise (learned std on every step) | sde (one Gaussian step per chunk)
     num_steps: int = 4  # K denoising steps (pi0: 4)
     noise_level: float = 0.5  # Flow-SDE noise level a (pi0: 0.5)
     noise_min: float = 0.08  # Flow-Noise std range, low end
@@ -147,7 +147,7 @@ class TrainerConfig:
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     bc_warmup_steps: int = 0  # behaviour-cloning steps on scripted demos before RL (toy only)
     bc_episodes: int = 4096  # scripted demonstration episodes for the warm start (about 2.5 steps each)
-    bc_lr: float = 2e-3  # learning rate of the warm start
+    bc_lr: Optional[float] = None  # learning rate of the warm start; null: 2e-3 for token policies, 5e-4 for flow policies
     bc_minibatch_size: int = 128  # demonstration steps per warm-start gradient step
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "vlarl"  # W&B project
@@ -204,6 +204,15 @@ POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.i
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
             "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor")
+
+
+def warm_start_lr(cfg: DictConfig) -> float:
+    """trainer.bc_lr, or by default 2e-3 for token policies and 5e-4 for flow policies. A flow policy's
+    flow-matching loss stalls near 0.2 at 2e-3 on the toy task (greedy success 40-86% depending on
+    where the warm start stops); at 5e-4 it reaches 0.04 and 88-89%."""
+    if cfg.trainer.bc_lr is not None:
+        return float(cfg.trainer.bc_lr)
+    return 5e-4 if cfg.model.policy == "flow" else 2e-3
 
 
 def group_options(group: str) -> list[str]:
@@ -293,6 +302,8 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
+    if cfg.trainer.bc_lr is not None and not cfg.trainer.bc_lr > 0:
+        raise ConfigError(f"trainer.bc_lr must be positive, or null for the policy's default; got {cfg.trainer.bc_lr}.")
     if cfg.algo.advantage != {"ppo": "gae", "grpo": "grpo"}[cfg.algo.name]:
         raise ConfigError(f"algo.name={cfg.algo.name} needs algo.advantage="
                           f"{ {'ppo': 'gae', 'grpo': 'grpo'}[cfg.algo.name]}; pick the algorithm with algo=ppo or algo=grpo.")

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from vlarl.config import warm_start_lr
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.envs.base import held_out_episodes
 from vlarl.metrics import MetricsLogger, Timer
@@ -333,7 +334,7 @@ def warm_start(cfg: DictConfig, w: Workers) -> dict:
         demos += ray.get(refs)
     batch = TrajectoryBatch.concat(demos)
     out = mean_over_ranks(ray.get([l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.trainer.bc_minibatch_size,
-                                                            cfg.trainer.bc_lr)
+                                                            warm_start_lr(cfg))
                                    for l in w.learners]))
     out["bc/demo_success"] = float(batch.success.mean())
     return out

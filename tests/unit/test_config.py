@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf.errors import ReadonlyConfigError
 
-from vlarl.config import GROUPS, ConfigError, group_options, help_text, load_config
+from vlarl.config import GROUPS, ConfigError, group_options, help_text, load_config, warm_start_lr
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,6 +75,14 @@ def test_model_path_to_a_saved_folder_is_accepted(tmp_path):
     assert load_config([f"model.path={tmp_path}"]).model.path == str(tmp_path)
 
 
+def test_warm_start_rate_defaults_by_policy_and_an_explicit_rate_wins():
+    assert load_config([]).trainer.bc_lr is None
+    assert warm_start_lr(load_config([])) == 2e-3  # token policies
+    assert warm_start_lr(load_config(["model=tiny_flow"])) == 5e-4  # flow matching stalls at 2e-3
+    assert warm_start_lr(load_config(["model=tiny_flow", "trainer.bc_lr=1e-3"])) == 1e-3
+    assert load_config(["model=tiny_flow"]).model.flow.method == "noise"
+
+
 def test_config_is_read_only():
     cfg = load_config([])
     with pytest.raises(ReadonlyConfigError):
@@ -99,6 +107,7 @@ def test_config_is_read_only():
     (["model=tiny_flow", "model.flow.std_floor=0"], "model.flow.std_floor"),
     (["model=tiny_flow", "model.lora_rank=4"], "model.lora_rank"),
     (["algo.kl_coef=-1"], "algo.kl_coef"),
+    (["trainer.bc_lr=0"], "trainer.bc_lr"),
     (["algo=grpo"], "rollout.num_envs"),
     (["rollout.engine=xx"], "rollout.engine"),
     (["model.dtype=fp16"], "model.dtype"),

@@ -146,7 +146,7 @@ def test_flow_matching_loss_trains_towards_demo_actions():
 
 
 def test_save_load_roundtrip_keeps_logprobs(tmp_path):
-    cfg = load_config(["env=toy", "model=tiny_flow"])
+    cfg = load_config(["env=toy", "model=tiny_flow", "model.flow.method=sde"])  # the run's sampler wins on load
     model, inputs = tiny("sde")
     from vlarl.models.action_tokenizer import ActionStats
 
