@@ -12,9 +12,12 @@ density; `noise` adds a learned std (squashed into [noise_min, noise_max]) to ev
 log-prob being the chain's joint density. Log-probs stay per element (each action value of each
 Gaussian step), so PPO clips one ratio per element as it clips one per token for the token VLA (a
 single ratio of the whole 7-D, or K x 7-D, density swings with every dimension at once: on the toy
-task its updates moved the policy 5-10x further per minibatch). Evaluation is the plain ODE. A sampled chain
-x_1 (noise) .. x_0 (action) and the SDE step index are all the learner needs to recompute the
-log-prob under new parameters: `pack_chains` flattens them into one float row per policy call.
+task its updates moved the policy 5-10x further per minibatch). With `sde` the Euler steps around the
+Gaussian one depend on the weights too but carry no density, so PPO's gradient leaves their change
+out; `noise` credits every step, and is the default (README, Flow policies, has the measurements).
+Evaluation is the plain ODE. A sampled chain x_1 (noise) .. x_0 (action) and the SDE step index
+are all the learner needs to recompute the log-prob under new parameters: `pack_chains` flattens
+them into one float row per policy call.
 """
 
 from __future__ import annotations
