@@ -2,8 +2,9 @@
 
     python tools/merge_adapters.py --checkpoint runs/default/best_return --out exports/policy
 
-writes exports/policy (the token VLA: AutoModel.from_pretrained after `import vlarl.models`) and
-exports/policy/decoder (the decoder alone, a LlamaForCausalLM folder vLLM loads). See vlarl/export.py.
+writes exports/policy (the token or flow VLA: AutoModel.from_pretrained after `import vlarl.models`)
+and, for a token VLA, exports/policy/decoder (the decoder alone, a LlamaForCausalLM folder vLLM
+loads). See vlarl/export.py.
 Bad input stops with one sentence and exit code 2; a failed write leaves no output folder.
 """
 

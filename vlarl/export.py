@@ -4,15 +4,17 @@
 the CheckpointActor (run_dir/best_return or run_dir/checkpoints/step_NNNNNN), folds LoRA adapters
 into their base weights (a full checkpoint is taken as it is), and writes::
 
-    out/config.json, model*.safetensors    the token VLA; AutoModel.from_pretrained(out) after
-                                            `import vlarl.models`
+    out/config.json, model*.safetensors    the token or flow VLA; AutoModel.from_pretrained(out)
+                                            after `import vlarl.models`
     out/tokenizer*, special_tokens_map...  the text tokenizer (bins at the vocabulary tail)
     out/preprocessor_config.json           image size and the [-1, 1] normalisation the model applies
     out/action_stats.json                  q01/q99 statistics that turn bins into env actions
-    out/generation_config.json             greedy decoding of action_dim tokens
+    out/generation_config.json             greedy decoding of action_dim tokens (token VLA)
     out/merge_metadata.json                provenance and the sha256 of every weight file
     out/decoder/                           the decoder alone as a LlamaForCausalLM folder (vLLM
-                                            serves it with prompt_embeds = the VLA's prefix)
+                                            serves it with prompt_embeds = the VLA's prefix);
+                                            token VLA only: a flow VLA's actions come from its
+                                            action expert, which the decoder alone cannot give
 
 The base model folder (model.path of the run, or run_dir/base_model) supplies config, tokenizer
 and action statistics; it must be the model the checkpoint was trained from, which is checked
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vlarl.models.flow import FlowVLA, FlowVLAConfig
 from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
 from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_STATE_FILE
 
@@ -44,6 +47,7 @@ METADATA_FILE = "merge_metadata.json"
 TRAINED_WITH_LORA = ("value_head", "projector", "proprio_proj")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
 USE_RUN_BASE = "pass the model the run started from with --base-model DIR."  # the fix for every base mismatch
+MODEL_CLASSES = {TokenVLAConfig.model_type: TokenVLA, FlowVLAConfig.model_type: FlowVLA}  # config.json model_type
 
 
 class ExportError(ValueError):
@@ -89,9 +93,9 @@ def find_base_model(ckpt: Checkpoint, base_model: str | None) -> Path:
         raise ExportError(f"base model {folder} (from {source}) is missing; pass the model the run started from "
                           f"with --base-model DIR.")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type != TokenVLAConfig.model_type:
-        raise ExportError(f"base model {folder} is a {model_type!r} model, not a vlarl token VLA; pass the model the "
-                          f"run started from with --base-model DIR.")
+    if model_type not in MODEL_CLASSES:
+        raise ExportError(f"base model {folder} is a {model_type!r} model, not a vlarl token or flow VLA; pass the "
+                          f"model the run started from with --base-model DIR.")
     for name in ("action_stats.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             raise ExportError(f"base model {folder} has no {name}; pass a folder written by vlarl with --base-model DIR.")
@@ -181,17 +185,20 @@ def merged_state(ckpt: Checkpoint, base: Path) -> tuple[dict, dict | None]:
 
 # ---- writing ------------------------------------------------------------------------------------
 def build_model(base: Path, state: dict, dtype: torch.dtype):
-    """A TokenVLA holding `state`, built on the meta device so no memory goes to a throwaway init."""
-    config = TokenVLAConfig.from_pretrained(base)
+    """The base's VLA class (token or flow) holding `state`, built on the meta device so no memory goes
+    to a throwaway init."""
+    cls = MODEL_CLASSES[json.loads((base / "config.json").read_text())["model_type"]]
+    config = cls.config_class.from_pretrained(base)
     with torch.device("meta"):
-        model = TokenVLA(config)
+        model = cls(config)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.config.dtype = model.language_model.config.dtype = dtype
     return model.eval()
 
 
 def write_folders(tmp: Path, model, base: Path, max_shard_size: str) -> None:
-    """The VLA folder and its decoder/ sub-folder, everything but merge_metadata.json."""
+    """The VLA folder and, for a token VLA, its decoder/ sub-folder and greedy generation config;
+    everything but merge_metadata.json."""
     from transformers import GenerationConfig, PreTrainedTokenizerFast, SiglipImageProcessorPil
     from transformers.utils import logging as hf_logging
 
@@ -206,15 +213,19 @@ def write_folders(tmp: Path, model, base: Path, max_shard_size: str) -> None:
     processor = SiglipImageProcessorPil(size={"height": side, "width": side}, do_resize=True, do_rescale=True,
                                         rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
                                         image_std=[0.5] * 3)
-    d = model.config.action_dim
-    generation = GenerationConfig(do_sample=False, max_new_tokens=d, min_new_tokens=d, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    decoder = model.language_model
-    decoder.generation_config = generation
-    for folder, net in ((tmp, model), (tmp / DECODER_DIR, decoder)):
+    folders, generation = [(tmp, model)], None
+    if not isinstance(model, FlowVLA):  # a flow VLA's actions come from its expert's ODE, not from decoding
+        d = model.config.action_dim
+        generation = GenerationConfig(do_sample=False, max_new_tokens=d, min_new_tokens=d,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+        model.language_model.generation_config = generation
+        folders.append((tmp / DECODER_DIR, model.language_model))
+    for folder, net in folders:
         net.save_pretrained(folder, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(folder)
-        generation.save_pretrained(folder)
+        if generation is not None:
+            generation.save_pretrained(folder)
     processor.save_pretrained(tmp)
     ActionStats.load(base).save(tmp)
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlarl.config import load_config
+from vlarl.eval import evaluate_checkpoint
 from vlarl.trainer import train
 
 pytestmark = pytest.mark.integration
@@ -52,6 +53,13 @@ def test_flow_ppo_on_toy_with_chunks_and_guard_rails(ray_local, tmp_path, method
     assert moved("expert.velocity_out") > 1e-4 and moved("vision") > 1e-4
     if method == "noise":
         assert moved("expert.noise_out") > 1e-6
+        # The stand-alone evaluation command reads a flow checkpoint and runs its ODE greedily.
+        summary = evaluate_checkpoint(str(tmp_path / "checkpoints" / "step_000002"), str(tmp_path / "eval_ckpt"),
+                                      tasks="0-3", init_states="10000-10001", videos=1, overrides=["rollout.num_envs=8"])
+        rep = summary["suites"]["toy"]
+        assert rep["episodes"] == 8 and len(rep["episode_results"]) == 8 and 0 < rep["mean_length"] <= 5
+        assert json.loads((tmp_path / "eval_ckpt" / "report.json").read_text())["success_rate"] == rep["success_rate"]
+        assert len(rep["videos"]) == 1 and Path(rep["videos"][0]).stat().st_size > 0
 
 
 def test_flow_one_libero_iteration(ray_local, tmp_path):

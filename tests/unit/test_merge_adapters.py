@@ -22,13 +22,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-import vlarl.models  # noqa: F401  registers the token VLA with the Auto classes
+import vlarl.models  # noqa: F401  registers the token and flow VLAs with the Auto classes
 from vlarl.config import load_config
 from vlarl.envs.toy import ToyEnv
 from vlarl.export import ExportError, export, sha256
 from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
-from vlarl.models.factory import apply_lora, build_tiny_token_vla, save_model
+from vlarl.models.factory import apply_lora, build_tiny_model, build_tiny_token_vla, save_model
+from vlarl.models.flow import FlowVLA
 from vlarl.models.token_vla import TokenVLA
+from vlarl.rollout.flow_engine import FlowEngine
 from vlarl.rollout.hf_engine import HFEngine
 from vlarl.workers.checkpoint import CheckpointActor
 
@@ -41,11 +43,11 @@ def tiny(cfg, seed: int = 0):
     return build_tiny_token_vla(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), seed)
 
 
-def write_run(run_dir: Path, lora_rank: int, base_seed: int = 0) -> TokenVLA:
+def write_run(run_dir: Path, lora_rank: int, base_seed: int = 0, model_preset: str = "tiny_token") -> TokenVLA:
     """A run folder as the trainer leaves it: base_model/ and best_return/ with moved weights.
     Returns the trained model (with live LoRA layers when lora_rank > 0)."""
-    cfg = load_config(["env=toy", f"model.lora_rank={lora_rank}", f"trainer.run_dir={run_dir}"])
-    model, tokenizer, stats = tiny(cfg, base_seed)
+    cfg = load_config(["env=toy", f"model={model_preset}", f"model.lora_rank={lora_rank}", f"trainer.run_dir={run_dir}"])
+    model, tokenizer, stats = build_tiny_model(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), base_seed)
     save_model(run_dir / "base_model", model, tokenizer, stats)
     if lora_rank:
         model = apply_lora(model, lora_rank, cfg.model.lora_alpha)
@@ -82,6 +84,12 @@ def lora_run(tmp_path_factory):
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full_run")
     return run_dir, write_run(run_dir, lora_rank=0)
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("flow_run")
+    return run_dir, write_run(run_dir, lora_rank=0, model_preset="tiny_flow")
 
 
 def cli(*args: str, limit_bytes: int | None = None, die_on_limit: bool = False) -> subprocess.CompletedProcess:
@@ -152,6 +160,36 @@ def test_full_checkpoint_is_copied_and_dtype_is_applied(full_run, tmp_path):
     assert AutoModel.from_pretrained(out).dtype == torch.bfloat16
 
 
+def test_flow_export_loads_with_plain_transformers_and_acts_like_the_checkpoint(flow_run, tmp_path):
+    """A flow VLA's checkpoint exports as one folder (no decoder/ or generation config: its actions come
+    from the action expert's ODE) that AutoModel loads with the run's sampler settings."""
+    run_dir, trained = flow_run
+    proc = cli("--checkpoint", str(run_dir / "best_return"), "--out", str(tmp_path / "policy"))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "policy"
+    assert not (out / "decoder").exists() and not (out / "generation_config.json").exists()
+    loaded = AutoModel.from_pretrained(out).eval()
+    assert isinstance(loaded, FlowVLA) and loaded.config.method == trained.config.method
+    assert ActionStats.load(out) == ActionStats.load(run_dir / "base_model")
+
+    obs = observations()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.padding_side = "left"
+
+    def act(model, greedy: bool):
+        engine = FlowEngine(model, tokenizer, ActionTokenizer(model.vocab_size, ActionStats.load(out)))
+        return engine.generate(obs, 1.0, greedy=greedy, generator=torch.Generator().manual_seed(0))
+
+    want, got = act(trained, True), act(loaded, True)
+    np.testing.assert_allclose(got.actions, want.actions, atol=1e-6)
+    sampled_want, sampled_got = act(trained, False), act(loaded, False)
+    np.testing.assert_allclose(sampled_got.logprobs, sampled_want.logprobs, atol=1e-4)
+    base = AutoModel.from_pretrained(run_dir / "base_model").eval()
+    assert np.abs(act(base, True).actions - want.actions).max() > 1e-3  # the export carries the moved weights
+    meta = json.loads((out / "merge_metadata.json").read_text())
+    assert meta["lora"] is None and sorted(meta["sha256"]) == ["model.safetensors"]
+
+
 # ---- refusals ---------------------------------------------------------------------------------------
 def test_existing_output_needs_force(lora_run, tmp_path):
     run_dir, _ = lora_run
@@ -196,7 +234,7 @@ def test_base_model_with_other_weights_is_refused(lora_run, tmp_path):
 def test_base_model_that_is_no_token_vla_is_refused(lora_run, tmp_path):
     run_dir, _ = lora_run
     out = export(run_dir / "best_return", tmp_path / "policy")
-    with pytest.raises(ExportError, match="is a 'llama' model, not a vlarl token VLA"):
+    with pytest.raises(ExportError, match="is a 'llama' model, not a vlarl token or flow VLA"):
         export(run_dir / "best_return", tmp_path / "again", base_model=str(out / "decoder"))
 
 
