@@ -32,10 +32,10 @@ COMMON = ["env=toy", "trainer.bc_warmup_steps=4000", "trainer.iterations=60", "r
           "rollout.eval_episodes=256", "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"]
 PRESETS = {"ppo": ["algo=ppo", *COMMON], "grpo": ["algo=grpo", *COMMON]}
 # Per-model settings on top of the preset: the same steps, episodes and iterations, other rates. The
-# flow VLA samples with Flow-Noise (its default) and clips log-ratios at 5 nats; its warm start runs at
-# its default trainer.bc_lr (5e-4, config.warm_start_lr); RL moves it at a smaller actor rate after 5
-# critic-only iterations (VLA-RL's warmup), which keeps the sampled policy's success from dipping
-# while the fresh critic learns.
+# flow VLA samples with Flow-SDE on every step (its default, model.flow.method=sde_all) and clips
+# log-ratios at 5 nats; its warm start runs at its default trainer.bc_lr (5e-4, config.warm_start_lr);
+# RL moves it at a smaller actor rate after 5 critic-only iterations (VLA-RL's warmup), which keeps
+# the sampled policy's success from dipping while the fresh critic learns.
 MODELS = {"tiny_token": ["model=tiny_token"],
           "tiny_flow": ["model=tiny_flow", "algo.log_ratio_clip=5.0", "algo.actor_lr=1e-4", "algo.critic_warmup_iters=5"]}
 

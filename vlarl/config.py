@@ -66,7 +66,7 @@ class FlowModelConfig:
     expert_hidden: int = 64  # action expert width
     expert_layers: int = 2  # action expert depth
     expert_heads: int = 4  # action expert attention heads
-    method: str = "noise"  # RL sampler: noise (learned std on every step) | sde (one Gaussian step per chunk)
+    method: str = "sde_all"  # RL sampler: sde_all (Flow-SDE, every step) | sde (one SDE step) | noise (learned std)
     num_steps: int = 4  # K denoising steps (pi0: 4)
     noise_level: float = 0.5  # Flow-SDE noise level a (pi0: 0.5)
     noise_min: float = 0.08  # Flow-Noise std range, low end
@@ -190,7 +190,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "algo.advantage": ("gae", "grpo"),
     "model.dtype": ("float32", "bfloat16"),
     "model.policy": ("token", "flow"),
-    "model.flow.method": ("sde", "noise"),
+    "model.flow.method": ("sde", "sde_all", "noise"),
     "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),
     "rollout.engine": ("hf", "vllm"),

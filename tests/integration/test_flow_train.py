@@ -24,7 +24,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("method", ["sde", "noise"])
+@pytest.mark.parametrize("method", ["sde", "sde_all", "noise"])
 def test_flow_ppo_on_toy_with_chunks_and_guard_rails(ray_local, tmp_path, method):
     """Warm start by flow matching, then 2 PPO iterations with 2-action chunks, a KL penalty to the
     initial policy and log-ratio clipping: every guard rail reports, the rollout engine and the learner

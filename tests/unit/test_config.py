@@ -80,7 +80,7 @@ def test_warm_start_rate_defaults_by_policy_and_an_explicit_rate_wins():
     assert warm_start_lr(load_config([])) == 2e-3  # token policies
     assert warm_start_lr(load_config(["model=tiny_flow"])) == 5e-4  # flow matching stalls at 2e-3
     assert warm_start_lr(load_config(["model=tiny_flow", "trainer.bc_lr=1e-3"])) == 1e-3
-    assert load_config(["model=tiny_flow"]).model.flow.method == "noise"
+    assert load_config(["model=tiny_flow"]).model.flow.method == "sde_all"
 
 
 def test_config_is_read_only():

@@ -47,10 +47,11 @@ def test_sde_step_logprob_equals_torch_normal():
         assert torch.allclose(got, expected, atol=1e-5), k
 
 
-@pytest.mark.parametrize("method", ["sde", "noise"])
+@pytest.mark.parametrize("method", ["sde", "sde_all", "noise"])
 def test_stored_transition_logprob_matches_normal(method):
     """The model's log-prob of a stored chain equals Normal's on the same mean and std, element by
-    element: Flow-SDE, the 7 values of its one Gaussian step; Flow-Noise, 7 per step, step-major."""
+    element: Flow-SDE, the 7 values of its one Gaussian step; Flow-SDE on every step and Flow-Noise,
+    7 per step, step-major."""
     model, inputs = tiny(method)
     chains, sde_steps, logprobs, _ = model.sample(*inputs, generator=torch.Generator().manual_seed(1))
     memory, pad, _ = model.encode(*inputs)
@@ -64,6 +65,7 @@ def test_stored_transition_logprob_matches_normal(method):
         assert ((sde_steps >= 0) & (sde_steps < model.num_steps)).all()
         expected = torch.stack(per_step, 1)[torch.arange(B), sde_steps]
     else:
+        assert (sde_steps == -1).all()
         expected = torch.cat(per_step, 1)
     assert logprobs.shape == expected.shape == (B, model.logprob_width)
     assert torch.allclose(logprobs, expected.detach(), atol=1e-4)
@@ -72,7 +74,7 @@ def test_stored_transition_logprob_matches_normal(method):
     assert torch.allclose(recomputed, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["sde", "noise"])
+@pytest.mark.parametrize("method", ["sde", "sde_all", "noise"])
 def test_recompute_with_unchanged_parameters_gives_ratio_one(method):
     model, inputs = tiny(method, chunk=2)
     chains, sde_steps, logprobs, x0 = model.sample(*inputs, generator=torch.Generator().manual_seed(2))
@@ -95,7 +97,7 @@ def test_pack_roundtrip():
     assert torch.equal(c, chains) and torch.equal(s, steps)
 
 
-@pytest.mark.parametrize("method, noise_net", [("sde", False), ("noise", True)])
+@pytest.mark.parametrize("method, noise_net", [("sde", False), ("sde_all", False), ("noise", True)])
 def test_gradients_reach_expert_and_noise_network(method, noise_net):
     model, inputs = tiny(method)
     model.train()
@@ -143,6 +145,20 @@ def test_flow_matching_loss_trains_towards_demo_actions():
     model.eval()
     x0 = model.sample(*inputs, greedy=True, generator=torch.Generator().manual_seed(0))[3]
     assert (x0[:, :2] - torch.tensor([0.5, -0.5])).abs().mean() < 0.3
+
+
+def test_flow_matching_draws_come_from_the_generator():
+    """The warm start's times and noise follow the learner's seeded generator, not torch's global RNG."""
+    model, inputs = tiny("noise")
+    packed = pack_chains(torch.randn(B, model.num_steps + 1, 7, generator=torch.Generator().manual_seed(0)),
+                         torch.full((B,), -1))
+    with torch.no_grad():
+        loss = lambda seed: model.flow_matching_loss(*inputs, packed, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+        torch.manual_seed(1)
+        first = loss(0)
+        torch.manual_seed(2)
+        assert torch.equal(loss(0), first)
+        assert not torch.allclose(loss(1), first)
 
 
 def test_save_load_roundtrip_keeps_logprobs(tmp_path):

@@ -8,13 +8,17 @@ encoded once per call and the expert runs K times on it.
 
 Sampling for RL (formulas in vlarl/algo/flow.py and ANCHORS.md): `sde` makes one randomly chosen
 denoising step Gaussian and the rest Euler ODE steps, the action's log-prob being that step's
-density; `noise` adds a learned std (squashed into [noise_min, noise_max]) to every step, the
-log-prob being the chain's joint density. Log-probs stay per element (each action value of each
-Gaussian step), so PPO clips one ratio per element as it clips one per token for the token VLA (a
-single ratio of the whole 7-D, or K x 7-D, density swings with every dimension at once: on the toy
-task its updates moved the policy 5-10x further per minibatch). With `sde` the Euler steps around the
-Gaussian one depend on the weights too but carry no density, so PPO's gradient leaves their change
-out; `noise` credits every step, and is the default (README, Flow policies, has the measurements).
+density; `sde_all` makes every step a Flow-SDE Gaussian (RLinf's joint log-prob), the log-prob
+being the chain's joint density; `noise` adds a learned std (squashed into [noise_min, noise_max])
+to every step instead. Log-probs stay per element (each action value of each Gaussian step), so PPO
+clips one ratio per element as it clips one per token for the token VLA (a single ratio of the
+whole 7-D, or K x 7-D, density swings with every dimension at once: on the toy task its updates
+moved the policy 5-10x further per minibatch). With `sde` the Euler steps around the Gaussian one
+depend on the weights too but carry no density, so PPO's gradient leaves their change out. The
+other two credit every step; `sde_all` is the default: its noise is largest at the first steps
+(std 0.5 at t = 1), where the chain picks its mode, and its score-corrected mean keeps the
+sampled chain's marginals close to the ODE's that evaluation runs (README, Flow policies, has the
+measurements).
 Evaluation is the plain ODE. A sampled chain x_1 (noise) .. x_0 (action) and the SDE step index
 are all the learner needs to recompute the log-prob under new parameters: `pack_chains` flattens
 them into one float row per policy call.
@@ -34,21 +38,21 @@ from vlarl.algo.flow import (floor_std, gaussian_entropy, gaussian_logprob, sde_
 from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
 from vlarl.rollout import sampling
 
-METHODS = ("sde", "noise")
+METHODS = ("sde", "sde_all", "noise")
 
 
 class FlowVLAConfig(TokenVLAConfig):
     model_type = "vlarl_flow_vla"
 
     def __init__(self, step_dim: int = 7, horizon: int = 1, expert_hidden: int = 64, expert_layers: int = 2,
-                 expert_heads: int = 4, method: str = "sde", num_steps: int = 4, noise_level: float = 0.5,
+                 expert_heads: int = 4, method: str = "sde_all", num_steps: int = 4, noise_level: float = 0.5,
                  noise_min: float = 0.08, noise_max: float = 0.16, std_floor: float = 0.05, **kwargs):
         self.step_dim = step_dim  # D: values per action (7 for LIBERO and the toy)
         self.horizon = horizon  # H: actions per chunk (= env.action_chunk)
         self.expert_hidden = expert_hidden  # action expert width
         self.expert_layers = expert_layers  # action expert depth (self- + cross-attention blocks)
         self.expert_heads = expert_heads  # action expert attention heads
-        self.method = method  # RL sampler: sde (Flow-SDE) | noise (Flow-Noise)
+        self.method = method  # RL sampler: sde (Flow-SDE, one step) | sde_all (Flow-SDE, every step) | noise (Flow-Noise)
         self.num_steps = num_steps  # K denoising steps
         self.noise_level = noise_level  # Flow-SDE a
         self.noise_min = noise_min  # Flow-Noise std range, low end
@@ -126,10 +130,15 @@ class FlowVLA(TokenVLA):
     @property
     def logprob_width(self) -> int:
         """Log-prob elements per policy call, each with its own PPO ratio (as the token VLA has one per
-        token): Flow-SDE, the A values of its one Gaussian step; Flow-Noise, the K*A values of its K
-        steps. Their sum is the chain's log-density (for Flow-Noise up to log N(x_1; 0, I), which no
-        parameter changes and which is left out)."""
-        return self.config.action_dim * (1 if self.config.method == "sde" else self.config.num_steps)
+        token): `sde`, the A values of its one Gaussian step; `sde_all` and `noise`, the K*A values of
+        their K steps. Their sum is the chain's log-density (for the latter two up to log N(x_1; 0, I),
+        which no parameter changes and which is left out)."""
+        return self.config.action_dim * (1 if self.single_gaussian_step else self.config.num_steps)
+
+    @property
+    def single_gaussian_step(self) -> bool:
+        """Flow-SDE proper: one random step per chain is Gaussian. sde_all and noise make every step one."""
+        return self.config.method == "sde"
 
     # ---- shared pieces -----------------------------------------------------------------------
     def encode(self, images, proprio, input_ids, text_mask):
@@ -145,7 +154,7 @@ class FlowVLA(TokenVLA):
         """Std of the Gaussian step from time t (B,): Flow-SDE sigma_t sqrt(delta), Flow-Noise the
         squashed learned std (B, A); before the floor."""
         c = self.config
-        if c.method == "sde":
+        if c.method != "noise":
             return (sde_sigma(t, c.num_steps, c.noise_level) * math.sqrt(1.0 / c.num_steps))[:, None].expand_as(raw)
         return squash_std(raw, c.noise_min, c.noise_max)
 
@@ -153,7 +162,7 @@ class FlowVLA(TokenVLA):
         """Mean and floored std of the stochastic step from x at time t; -> mean, std (B, A), floor fraction."""
         c, delta = self.config, 1.0 / self.config.num_steps
         std, at_floor = floor_std(self.step_std(t, raw), c.std_floor)
-        if c.method == "sde":
+        if c.method != "noise":
             sigma = sde_sigma(t, c.num_steps, c.noise_level)[:, None]
             return sde_mean(x, v, t[:, None], sigma, delta), std, at_floor
         return x - delta * v, std, at_floor
@@ -174,7 +183,7 @@ class FlowVLA(TokenVLA):
         x = randn()
         chain, step_logprobs = [x], []
         sde_steps = torch.full((b,), -1, dtype=torch.long)
-        if not greedy and c.method == "sde":
+        if not greedy and self.single_gaussian_step:
             sde_steps = sampling.randint(generator, k_total, b)
         times = step_times(k_total).to(dev)
         for k in range(k_total):
@@ -186,13 +195,13 @@ class FlowVLA(TokenVLA):
             else:
                 mean, std, _ = self.gaussian_step(x, v, raw, t)
                 noisy = mean + std * randn()
-                take = (sde_steps.to(dev) == k)[:, None] if c.method == "sde" else torch.ones_like(ode[:, :1], dtype=torch.bool)
+                take = (sde_steps.to(dev) == k)[:, None] if self.single_gaussian_step else torch.ones_like(ode[:, :1], dtype=torch.bool)
                 step_logprobs.append(torch.where(take, gaussian_logprob(noisy, mean, std), 0.0))
                 x = torch.where(take, noisy, ode)
             chain.append(x)
         if greedy:
             logprob = x.new_zeros(b, self.logprob_width)
-        elif c.method == "sde":  # the one Gaussian step's elements; the other steps contributed zeros
+        elif self.single_gaussian_step:  # the one Gaussian step's elements; the other steps contributed zeros
             logprob = torch.stack(step_logprobs).sum(0)
         else:
             logprob = torch.cat(step_logprobs, 1)
@@ -211,7 +220,7 @@ class FlowVLA(TokenVLA):
         chains, sde_steps = unpack_chains(action_tokens.float(), k_total, c.action_dim)
         memory, pad, values = self.encode(images, proprio, input_ids, text_mask)
         b, times = chains.shape[0], step_times(k_total).to(chains.device)
-        if c.method == "sde":  # one Gaussian step per chain: only its velocity is needed
+        if self.single_gaussian_step:  # one Gaussian step per chain: only its velocity is needed
             k = sde_steps.clamp(min=0)
             rows = torch.arange(b, device=chains.device)
             x, x_next, t = chains[rows, k], chains[rows, k + 1], times[k]
@@ -228,17 +237,19 @@ class FlowVLA(TokenVLA):
         # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.
         return logprobs.float().clone(), entropy.float().clone(), values.clone(), stats
 
-    def flow_matching_loss(self, images, proprio, input_ids, text_mask, action_tokens):
+    def flow_matching_loss(self, images, proprio, input_ids, text_mask, action_tokens,
+                           generator: torch.Generator | None = None):
         """Supervised flow matching on demonstrations (the warm start), per example (B,).
 
         action_tokens  # (B, (K+1)*A + 1) packed chains whose last element x_0 is the demo action
-        x_t = t * eps + (1 - t) * x_0 with t ~ U(0, 1); the target velocity is eps - x_0.
+        x_t = t * eps + (1 - t) * x_0 with t ~ U(0, 1); the target velocity is eps - x_0. t and eps
+        come from `generator` (a CPU generator, so one seed gives the same warm start on any device).
         """
         chains, _ = unpack_chains(action_tokens.float(), self.config.num_steps, self.config.action_dim)
         x0 = chains[:, -1]
         memory, pad, _ = self.encode(images, proprio, input_ids, text_mask)
-        t = torch.rand(x0.shape[0], device=x0.device)
-        eps = torch.randn_like(x0)
+        t = torch.rand(x0.shape[0], generator=generator).to(x0.device)
+        eps = sampling.randn(generator, *x0.shape).to(x0.device, x0.dtype)
         v, _ = self.expert(memory, pad, t[:, None] * eps + (1 - t[:, None]) * x0, t)
         return F.mse_loss(v, eps - x0, reduction="none").mean(-1)
 

@@ -252,12 +252,15 @@ class LearnerWorker:
         opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
                                 foreach=True)
         rng = np.random.default_rng((self.cfg.trainer.seed, 2**31))  # a stream no iteration uses
+        # The flow-matching loss draws its times and noise from this (per rank), so a warm start repeats.
+        noise = torch.Generator().manual_seed(int(np.random.SeedSequence((self.cfg.trainer.seed, 2**31, self.rank))
+                                                  .generate_state(1)[0]))
         losses = []
         self.model.train()
         for _ in range(steps):
             mb = rng.choice(len(ep), size=min(minibatch, len(ep)), replace=False)
             mine = self._my_slice(mb)
-            loss = self._bc_loss(inputs.take(ep[mine], t[mine], tokens[mine], self.device), len(mb))
+            loss = self._bc_loss(inputs.take(ep[mine], t[mine], tokens[mine], self.device), len(mb), noise)
             (loss * self.world_size).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -266,11 +269,11 @@ class LearnerWorker:
                 print(f"vlarl: warm start {len(losses)}/{steps} steps, loss {np.mean(losses[-50:]):.3f}", flush=True)
         return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:]))}
 
-    def _bc_loss(self, step_inputs: tuple, global_count: int) -> torch.Tensor:
-        """Negative log-likelihood of demo tokens (token VLA) or flow matching (flow VLA), divided by
-        the global element count so ranks add up to one full-batch mean."""
+    def _bc_loss(self, step_inputs: tuple, global_count: int, generator: torch.Generator) -> torch.Tensor:
+        """Negative log-likelihood of demo tokens (token VLA) or flow matching (flow VLA, its draws from
+        `generator`), divided by the global element count so ranks add up to one full-batch mean."""
         if hasattr(self.model, "flow_matching_loss"):
-            return self.model.flow_matching_loss(*step_inputs).sum() / global_count
+            return self.model.flow_matching_loss(*step_inputs, generator=generator).sum() / global_count
         logprobs = self.model(*step_inputs, temperature=1.0)[0]
         return -logprobs.sum() / (global_count * logprobs.shape[1])
 
