@@ -195,7 +195,8 @@ class FlowVLA(TokenVLA):
             else:
                 mean, std, _ = self.gaussian_step(x, v, raw, t)
                 noisy = mean + std * randn()
-                take = (sde_steps.to(dev) == k)[:, None] if self.single_gaussian_step else torch.ones_like(ode[:, :1], dtype=torch.bool)
+                take = ((sde_steps.to(dev) == k)[:, None] if self.single_gaussian_step
+                        else torch.ones_like(ode[:, :1], dtype=torch.bool))
                 step_logprobs.append(torch.where(take, gaussian_logprob(noisy, mean, std), 0.0))
                 x = torch.where(take, noisy, ode)
             chain.append(x)
