@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vlarl.models.flow import FlowVLA, FlowVLAConfig
-from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
+from vlarl.models.factory import MODEL_CLASSES, merge_lora_state_dict
+from vlarl.models.flow import FlowVLA
 from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_STATE_FILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,7 +47,6 @@ METADATA_FILE = "merge_metadata.json"
 TRAINED_WITH_LORA = ("value_head", "projector", "proprio_proj")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
 USE_RUN_BASE = "pass the model the run started from with --base-model DIR."  # the fix for every base mismatch
-MODEL_CLASSES = {TokenVLAConfig.model_type: TokenVLA, FlowVLAConfig.model_type: FlowVLA}  # config.json model_type
 
 
 class ExportError(ValueError):
@@ -168,8 +167,6 @@ def check_base_matches(merged: dict, shapes: dict, base: Path, frozen: dict) -> 
 
 def merged_state(ckpt: Checkpoint, base: Path) -> tuple[dict, dict | None]:
     """Full parameter state with adapters folded in, and the LoRA settings (None for a full checkpoint)."""
-    from vlarl.models.factory import merge_lora_state_dict
-
     shapes = base_shapes(base)
     if not lora_prefixes(ckpt.state):
         check_base_matches(ckpt.state, shapes, base, frozen={})

@@ -23,6 +23,7 @@ from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODEL_CLASSES = {TokenVLAConfig.model_type: TokenVLA, FlowVLAConfig.model_type: FlowVLA}  # config.json model_type
 
 
 def words_of(texts: list[str]) -> list[str]:
@@ -107,8 +108,7 @@ def load_model(folder: str | Path, dtype: str = "float32", flow_cfg=None):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); check model.path.")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    cls = FlowVLA if model_type == FlowVLAConfig.model_type else TokenVLA
+    cls = MODEL_CLASSES.get(json.loads((folder / "config.json").read_text()).get("model_type"), TokenVLA)
     model = cls.from_pretrained(folder, dtype=DTYPES[dtype])
     if isinstance(model, FlowVLA) and flow_cfg is not None:
         for key, value in sampler_settings(flow_cfg).items():
