@@ -174,6 +174,34 @@ class RewardConfig:
 
 
 @dataclass
+class DataConfig:
+    path: Optional[str] = None  # demonstrations: LIBERO/robomimic HDF5 file or folder, or a LeRobot v3 folder
+    format: str = "auto"  # auto (a folder with meta/info.json is LeRobot, else HDF5) | hdf5 | lerobot
+    camera: Optional[str] = None  # HDF5 obs key or LeRobot feature; null: agentview_rgb/_image, LeRobot's first camera
+    state_keys: Optional[list[str]] = None  # joined into the 8-D proprio (cut or zero-padded); null: format default
+    instruction: Optional[str] = None  # instruction for every episode, overriding the dataset's (robomimic has none)
+    max_episodes: int = 0  # read at most this many episodes; 0 reads all
+    val_fraction: float = 0.1  # share of episodes held out for the validation loss (seeded by sft.seed)
+    upright: bool = True  # HDF5: turn robosuite's frames 180 degrees, as vlarl's LIBERO env shows them
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"  # final/, best/, checkpoints/step_NNNNNN/ model folders and metrics.jsonl
+    steps: int = 2000  # gradient steps
+    batch_size: int = 64  # demonstration steps per gradient step
+    lr: Optional[float] = None  # learning rate; null: the policy family's default (token 2e-3, flow 5e-4)
+    max_grad_norm: float = 1.0  # global gradient-norm clip
+    val_every: int = 200  # validation loss every N steps and at the end; 0 = at the end only
+    val_max_samples: int = 2048  # validation steps scored each time (a fixed, seeded subset)
+    log_every: int = 50  # progress line every N steps
+    save_every: int = 500  # checkpoint (model + optimizer) every N steps and at the end; 0 = at the end only
+    keep_last: int = 2  # periodic checkpoints kept
+    seed: int = 0  # seeds the split, minibatches, flow-matching noise and a fresh model's weights
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+
+
+@dataclass
 class Config:
     defaults: list = field(default_factory=list)  # group choices (consumed when composing)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -183,6 +211,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # vlarl.sft: demonstrations to read
+    sft: SFTConfig = field(default_factory=SFTConfig)  # vlarl.sft: supervised training
 
 
 CHOICES = {  # closed vocabularies checked after composition
@@ -198,6 +228,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "env.render": ("auto", "egl", "osmesa"),
     "reward.name": ("success", "external", "composite", "human"),
     "reward.mode": ("web", "terminal"),
+    "data.format": ("auto", "hdf5", "lerobot"),
 }
 POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
