@@ -26,14 +26,21 @@ class ConfigError(ValueError):
 @dataclass
 class AlgoConfig:
     name: str = "ppo"  # ppo (GAE + critic) or grpo (group-normalised returns); must agree with `advantage`
-    advantage: str = "gae"  # advantage estimator: gae | grpo
+    advantage: str = "gae"  # advantage estimator: gae (ppo) | grpo or rloo (grpo: group-normalised / leave-one-out)
     gamma: float = 0.99  # discount
     lam: float = 0.95  # GAE lambda
+    # An episode that hits the task's step limit has failed: no reward can follow, so by default its
+    # last value is 0, not V(next obs) (Pardo et al. 2018, "Time Limits in RL"). True bootstraps there,
+    # for tasks whose limit is only a rollout cut-off; a simulator restart always bootstraps.
+    bootstrap_time_limit: bool = False
     group_size: int = 1  # rollouts per (task, init state); GRPO needs >= 2
     group_filter: bool = False  # drop GRPO groups whose mean success is outside [filter_low, filter_high]
     filter_low: float = 0.1  # lower bound of the kept group mean success
     filter_high: float = 0.9  # upper bound of the kept group mean success
+    dynamic_sampling: bool = False  # grpo: keep informative groups and re-collect until a batch is full (DAPO)
+    sampling_rounds: int = 4  # dynamic sampling: most collection rounds per iteration (the first included)
     clip_low: float = 0.2  # PPO ratio clip below 1
+    ratio_level: str = "token"  # PPO ratio per token / flow element (token) or per action, the step's log-probs summed (action)
     clip_high: float = 0.28  # PPO ratio clip above 1 (asymmetric, SimpleVLA-RL)
     vf_clip: float = 0.2  # clipped value loss range
     vf_coef: float = 0.5  # weight of the value loss in the total loss
@@ -217,7 +224,8 @@ class Config:
 
 CHOICES = {  # closed vocabularies checked after composition
     "algo.name": ("ppo", "grpo"),
-    "algo.advantage": ("gae", "grpo"),
+    "algo.advantage": ("gae", "grpo", "rloo"),
+    "algo.ratio_level": ("token", "action"),
     "model.dtype": ("float32", "bfloat16"),
     "model.policy": ("token", "flow"),
     "model.flow.method": ("sde", "sde_all", "noise"),
@@ -230,7 +238,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "reward.mode": ("web", "terminal"),
     "data.format": ("auto", "hdf5", "lerobot"),
 }
-POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size",
+POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size", "algo.sampling_rounds",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
@@ -335,9 +343,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
     if cfg.trainer.bc_lr is not None and not cfg.trainer.bc_lr > 0:
         raise ConfigError(f"trainer.bc_lr must be positive, or null for the policy's default; got {cfg.trainer.bc_lr}.")
-    if cfg.algo.advantage != {"ppo": "gae", "grpo": "grpo"}[cfg.algo.name]:
-        raise ConfigError(f"algo.name={cfg.algo.name} needs algo.advantage="
-                          f"{ {'ppo': 'gae', 'grpo': 'grpo'}[cfg.algo.name]}; pick the algorithm with algo=ppo or algo=grpo.")
+    fits = {"ppo": ("gae",), "grpo": ("grpo", "rloo")}[cfg.algo.name]
+    if cfg.algo.advantage not in fits:
+        raise ConfigError(f"algo.name={cfg.algo.name} needs algo.advantage={' or '.join(fits)}; pick the algorithm "
+                          "with algo=ppo or algo=grpo.")
     if cfg.trainer.curriculum_floor * cfg.env.num_tasks > 1:
         raise ConfigError(f"trainer.curriculum_floor x env.num_tasks must be <= 1, got "
                           f"{cfg.trainer.curriculum_floor} x {cfg.env.num_tasks}; lower trainer.curriculum_floor.")
@@ -351,7 +360,10 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.rollout.pipeline_stages}.")
     if cfg.rollout.eval_every < 0:
         raise ConfigError(f"rollout.eval_every must be >= 0 (0 turns evaluation off), got {cfg.rollout.eval_every}.")
-    if cfg.algo.advantage == "grpo" and cfg.algo.group_size < 2:
+    if cfg.algo.dynamic_sampling and cfg.algo.group_size < 2:
+        raise ConfigError("algo.dynamic_sampling=true keeps groups whose returns differ, so it needs algo.group_size "
+                          ">= 2 (algo=grpo); turn it off or raise algo.group_size.")
+    if cfg.algo.name == "grpo" and cfg.algo.group_size < 2:
         raise ConfigError("GRPO needs algo.group_size >= 2 rollouts per task; set algo.group_size=8, for example.")
     if cfg.rollout.num_envs % (cfg.algo.group_size * cfg.cluster.num_rollout_workers):
         raise ConfigError(

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vlarl.algo.advantages import group_filter_mask
 from vlarl.config import warm_start_lr
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.envs.base import held_out_episodes
@@ -82,25 +84,31 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
             batch = collect(cfg, w, it, version, frames_wanted(cfg, reward))
         with timer("reward"):  # the one place rewards are decided, for every policy and algorithm
             batch = score(reward, batch, it)
+        sampled, steps_collected = rollout_metrics(batch), int(batch.lengths.sum())  # what the policy did
+        if cfg.algo.dynamic_sampling:
+            with timer("resample"):
+                batch, more = dynamic_sampling(cfg, w, it, version, reward, batch)
+            sampled.update(more)
+            steps_collected += int(more["rollout/resampled_steps"])
         with timer("update"):
             sleep_engines(w)  # colocated vLLM engines give the GPU to the learners until the sync
             batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
             metrics = mean_over_ranks(ray.get([l.update.remote(batch_ref, it) for l in w.learners]))
         with timer("sync"):
             version = push_weights(w, version + 1)
-        w.curriculum.report.remote(batch.task_ids.tolist(), batch.success.astype(float).tolist())
+        w.curriculum.report.remote(sampled.pop("task_ids"), sampled.pop("successes"))
         if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
             with timer("eval"):
                 metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
-        env_steps += int(batch.lengths.sum())
-        metrics.update(rollout_metrics(batch), **reward.metrics(), **ray.get(w.curriculum.stats.remote()))
+        env_steps += steps_collected
+        metrics.update(sampled, **reward.metrics(), **ray.get(w.curriculum.stats.remote()))
         metrics["env/restarts"] = batch.env_restarts
         metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
         if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
             with timer("checkpoint"):
                 save_checkpoint(cfg, w, it, version, env_steps, metrics["rollout/return"])
         metrics.update(timer.pop())
-        metrics["perf/env_steps_per_s"] = batch.lengths.sum() / max(metrics["timing/collect"], 1e-9)
+        metrics["perf/env_steps_per_s"] = steps_collected / max(metrics["timing/collect"] + metrics.get("timing/resample", 0), 1e-9)
         logger.log(it, metrics)
     return metrics
 
@@ -258,6 +266,34 @@ def collect(cfg: DictConfig, w: Workers, iteration: int, version: int, record: i
     return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration, record), group_offset=False)
 
 
+def dynamic_sampling(cfg: DictConfig, w: Workers, iteration: int, version: int, reward: RewardProvider,
+                     batch: TrajectoryBatch) -> tuple[TrajectoryBatch, dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025; SimpleVLA-RL): a group whose returns all agree (every
+    episode failed, or every one succeeded) has zero group-relative advantage and only dilutes the
+    update. Keep the informative groups (mean return in [algo.filter_low, algo.filter_high]) and collect
+    further rounds, each with fresh tasks and noise, until there are as many as a batch has groups or
+    algo.sampling_rounds rounds ran. Returns the kept groups (the batch unchanged if none) and metrics."""
+    a = cfg.algo
+    want = cfg.rollout.num_envs // a.group_size
+    kept, have, rounds, steps = [], 0, 0, 0
+    while True:
+        mask = group_filter_mask(torch.as_tensor(batch.episode_returns), torch.as_tensor(batch.group_ids),
+                                 a.filter_low, a.filter_high).numpy()
+        groups = np.unique(batch.group_ids[mask])[:want - have]
+        if len(groups):
+            kept.append(batch.select(np.nonzero(np.isin(batch.group_ids, groups))[0]))
+            have += len(groups)
+        rounds += 1
+        if have >= want or rounds >= a.sampling_rounds:
+            break
+        # A distinct sampling key per round: curriculum draws and noise differ from every other round's.
+        batch = score(reward, collect(cfg, w, iteration + rounds * 2**32, version), iteration)
+        steps += int(batch.lengths.sum())
+    metrics = {"rollout/sampling_rounds": float(rounds), "rollout/informative_groups": have / want,
+               "rollout/resampled_steps": float(steps)}
+    return (TrajectoryBatch.concat(kept) if kept else batch), metrics
+
+
 def frames_wanted(cfg: DictConfig, reward: RewardProvider) -> int:
     """Episodes per rollout worker whose frames the reward provider needs (human labelling)."""
     return int(round(reward.wants_frames * cfg.rollout.num_envs / cfg.cluster.num_rollout_workers))
@@ -354,7 +390,9 @@ def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, curr
 
 # ---- metrics --------------------------------------------------------------------------------------
 def rollout_metrics(batch: TrajectoryBatch) -> dict:
-    return {"rollout/success_rate": float(batch.success.mean()),
+    """Metrics of the episodes as collected, plus their task ids and successes for the curriculum."""
+    return {"task_ids": batch.task_ids.tolist(), "successes": batch.success.astype(float).tolist(),
+            "rollout/success_rate": float(batch.success.mean()),
             "rollout/return": float(batch.episode_returns.mean()),
             "rollout/episode_length": float(batch.lengths.mean()),
             "rollout/episodes": float(batch.num_episodes)}

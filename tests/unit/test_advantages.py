@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from vlarl.algo.advantages import gae, group_filter_mask, grpo, masked_mean, masked_whiten
+from vlarl.algo.advantages import gae, group_filter_mask, grpo, masked_mean, masked_whiten, rloo
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -269,3 +269,87 @@ def test_masked_whiten_hand_case():
     x = torch.tensor([1.0, 3.0, 100.0, 5.0])
     mask = torch.tensor([1, 1, 0, 1], dtype=torch.bool)
     torch.testing.assert_close(masked_whiten(x, mask), torch.tensor([-1.224745, 0.0, 0.0, 1.224745]))
+
+
+# ---------------------------------------------------------------------------------------------
+# RLOO
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_rloo(returns, ids):
+    out = []
+    for i, r in enumerate(returns):
+        others = [returns[j] for j in range(len(returns)) if ids[j] == ids[i] and j != i]
+        out.append(r - sum(others) / len(others) if others else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rloo_matches_reference(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    ids = [rng.randint(0, 5) for _ in range(n)]
+    returns = [float(rng.random() < 0.4) + rng.random() * 0.1 for _ in range(n)]
+    got = rloo(torch.tensor(returns, dtype=torch.float64), torch.tensor(ids))
+    assert got.tolist() == pytest.approx(reference_rloo(returns, ids), abs=1e-9)
+
+
+def test_rloo_hand_case():
+    # One success in a group of four: 1 - 0 = 1 for it, 0 - 1/3 for each failure; a lone rollout gets 0.
+    got = rloo(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 0, 1]))
+    assert got.tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The step limit ends an episode: no bootstrap there (TrajectoryBatch.no_bootstrap)
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_step_batch(terminated: bool, timeout: bool):
+    import numpy as np
+
+    from vlarl.data.batch import TrajectoryBatch
+
+    n, t = 1, 1
+    return TrajectoryBatch(
+        images=np.zeros((n, t + 1, 2, 2, 3), np.uint8), proprio=np.zeros((n, t + 1, 8), np.float32),
+        instructions=["x"], task_ids=np.zeros(n, np.int64), init_state_ids=np.zeros(n, np.int64),
+        group_ids=np.zeros(n, np.int64), action_tokens=np.zeros((n, t, 7), np.int64),
+        rollout_logprobs=np.zeros((n, t, 7), np.float32), rewards=np.zeros((n, t), np.float32),
+        mask=np.ones((n, t), bool), dones=np.ones((n, t), bool), terminated=np.full((n, t), terminated),
+        success=np.zeros(n, bool), timeouts=np.full((n, t), timeout))
+
+
+def test_step_limit_is_terminal_unless_asked_to_bootstrap():
+    # A failed one-step episode that ran out of time, V(s) = 0.2, V(next) = 0.5, gamma 0.99: it is
+    # worth exactly its reward, 0, so A = 0 - 0.2; bootstrapping would have scored it 0.99 * 0.5 - 0.2 > 0.
+    batch = _one_step_batch(terminated=False, timeout=True)
+    values, last = torch.tensor([[0.2]]), torch.tensor([0.5])
+
+    def advantage(no_bootstrap):
+        adv, _ = gae(torch.tensor(batch.rewards), values, torch.tensor(batch.dones), torch.tensor(no_bootstrap),
+                     last, torch.tensor(batch.mask), 0.99, 0.95)
+        return adv.item()
+
+    assert advantage(batch.no_bootstrap()) == pytest.approx(-0.2)
+    assert advantage(batch.no_bootstrap(bootstrap_time_limit=True)) == pytest.approx(0.99 * 0.5 - 0.2)
+    # A truncation that is not the step limit (a simulator restart) still bootstraps.
+    restart = _one_step_batch(terminated=False, timeout=False)
+    assert not restart.no_bootstrap().any()
+
+
+def test_select_keeps_rows_and_their_fields():
+    import numpy as np
+
+    from vlarl.data.batch import TrajectoryBatch
+
+    parts = [_one_step_batch(terminated=bool(i % 2), timeout=not i % 2) for i in range(3)]
+    for i, b in enumerate(parts):
+        b.task_ids[:] = i
+        b.instructions = [f"task {i}"]
+        b.videos = {0: np.full((2, 2, 2, 3), i, np.uint8)}
+    batch = TrajectoryBatch.concat(parts)
+    sub = batch.select(np.array([2, 0]))
+    assert sub.task_ids.tolist() == [2, 0] and sub.instructions == ["task 2", "task 0"]
+    assert sub.terminated[:, 0].tolist() == [False, False] and sub.timeouts[:, 0].tolist() == [True, True]
+    assert sorted(sub.videos) == [0, 1] and sub.videos[0][0, 0, 0, 0] == 2 and sub.videos[1][0, 0, 0, 0] == 0

@@ -126,6 +126,29 @@ def grpo(
     return torch.where(count > 1, advantages, torch.zeros_like(advantages))
 
 
+def rloo(
+    episode_returns: torch.Tensor,  # (B,) one scalar return per rollout
+    group_ids: torch.Tensor,        # (B,) long, same id = same (task, init state)
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Leave-one-out baseline (REINFORCE leave-one-out, Ahmadian et al. 2024; RIPT-VLA): each rollout is
+    compared with the mean of the OTHER G - 1 rollouts of its group, A_i = R_i - mean_{j != i} R_j
+    = G / (G - 1) * (R_i - mean_group). Unlike GRPO it does not divide by the group's std, so a group
+    with one success in eight moves the policy no harder than one with four. Groups of size 1 get 0.
+
+    Returns advantages (B,); the caller broadcasts them to every action token of the episode.
+    """
+    if episode_returns.numel() == 0:
+        return torch.zeros_like(episode_returns)
+    mean, _, count = _group_stats(episode_returns, group_ids)
+    advantages = count / (count - 1).clamp(min=eps) * (episode_returns - mean)
+    return torch.where(count > 1, advantages, torch.zeros_like(advantages))
+
+
+# Episode-level estimators: one advantage per rollout from its group's returns (algo.advantage).
+EPISODE_ADVANTAGES = {"grpo": grpo, "rloo": rloo}
+
+
 def group_filter_mask(
     episode_returns: torch.Tensor,  # (B,)
     group_ids: torch.Tensor,        # (B,) long

@@ -35,6 +35,7 @@ class TrajectoryBatch:
     videos: dict = field(default_factory=dict)  # {episode: (L+1, H, W, 3) uint8} frames of recorded episodes
     chains: Optional[np.ndarray] = None  # (N, T, K+1, A) float32 flow denoising chains x_1 .. x_0, flow policies only
     sde_steps: Optional[np.ndarray] = None  # (N, T) int64 each chain's Gaussian step (Flow-SDE), else -1
+    timeouts: Optional[np.ndarray] = None  # (N, T) bool: last step and ended by the task's step limit (truncated)
 
     @property
     def num_episodes(self) -> int:
@@ -88,9 +89,33 @@ class TrajectoryBatch:
                 out[name] = np.concatenate(vs, 0)
         return cls(**out)
 
+    def select(self, rows: np.ndarray) -> "TrajectoryBatch":
+        """The episodes `rows` (int indices, in that order) as a batch of their own."""
+        rows = np.asarray(rows, np.int64)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "instructions":
+                v = [v[i] for i in rows]
+            elif f.name == "videos":
+                v = {new: v[old] for new, old in enumerate(rows.tolist()) if old in v}
+            elif isinstance(v, np.ndarray):
+                v = v[rows]
+            out[f.name] = v
+        return type(self)(**out)
+
     def flat_steps(self) -> tuple[np.ndarray, np.ndarray]:
         """Indices (episode, step) of every real step, in row-major order: (S,), (S,)"""
         return np.nonzero(self.mask)
+
+    def no_bootstrap(self, bootstrap_time_limit: bool = False) -> np.ndarray:
+        """(N, T) bool: steps after which no value follows: the task ended the episode, or (unless
+        `bootstrap_time_limit`) its step limit did. The policy does not see the clock, so bootstrapping
+        at the limit would value running out of time like any state that looks the same, and a policy
+        that wanders until the limit would look as good as one that succeeds."""
+        if bootstrap_time_limit or self.timeouts is None:
+            return self.terminated
+        return self.terminated | self.timeouts
 
     def last_obs_steps(self) -> np.ndarray:
         """(N,) column of the observation after each episode's last step"""

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from vlarl.algo.advantages import gae, grpo, group_filter_mask, masked_whiten
+from vlarl.algo.advantages import EPISODE_ADVANTAGES, gae, group_filter_mask, masked_whiten
 from vlarl.algo.guards import clip_log_ratio, kl_to_reference
 from vlarl.algo.losses import policy_loss, truncated_is_weights, value_loss
 from vlarl.data.batch import TrajectoryBatch
@@ -146,7 +146,10 @@ class LearnerWorker:
         metrics = {"rollout/logprob_abs_diff": (old_logprobs - rollout_logprobs).abs().mean().item()}
 
         advantages, returns, keep = self._advantages(batch, inputs, ep, t, tokens, old_values, temp)
-        is_weights = truncated_is_weights(old_logprobs, rollout_logprobs, a.tis_cap) if a.tis_cap > 0 else None
+        is_weights = None
+        if a.tis_cap > 0:
+            level = (lambda x: x.sum(1, keepdim=True)) if a.ratio_level == "action" else (lambda x: x)  # noqa: E731
+            is_weights = truncated_is_weights(level(old_logprobs), level(rollout_logprobs), a.tis_cap)
         warmup = iteration < a.critic_warmup_iters
         steps = np.nonzero(keep.numpy())[0]
         for epoch in range(a.epochs):
@@ -177,12 +180,13 @@ class LearnerWorker:
             values = torch.zeros(n, width)
             values[ep, t] = old_values
             adv, ret = gae(torch.tensor(batch.rewards), values, torch.tensor(batch.dones),
-                           torch.tensor(batch.terminated), last_values, torch.tensor(batch.mask), a.gamma, a.lam)
+                           torch.tensor(batch.no_bootstrap(a.bootstrap_time_limit)), last_values,
+                           torch.tensor(batch.mask), a.gamma, a.lam)
             advantages, returns = adv[ep, t], ret[ep, t]
         else:
             ep_returns = torch.tensor(batch.episode_returns)
             group_ids = torch.tensor(batch.group_ids)
-            advantages = grpo(ep_returns, group_ids)[ep]
+            advantages = EPISODE_ADVANTAGES[a.advantage](ep_returns, group_ids)[ep]
             returns = ep_returns[ep]
             if a.group_filter:
                 keep = group_filter_mask(ep_returns, group_ids, a.filter_low, a.filter_high)[ep]
@@ -198,14 +202,18 @@ class LearnerWorker:
         logprobs, entropy, values, *stats = self.model(*step_inputs, temperature=temp)
         dev = lambda x: x[mine].to(self.device)  # noqa: E731
         n_tok = len(mb) * logprobs.shape[1]  # global element counts, so every rank divides alike
-        adv = dev(advantages)[:, None].expand_as(logprobs)
+        old = dev(old_logprobs)
         ones = torch.ones_like(logprobs)
-        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, dev(old_logprobs), ones, n_tok, temp)
+        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, ones, n_tok, temp)
+        if a.ratio_level == "action":  # one ratio per action: the step's log-probs summed
+            logprobs, old = logprobs.sum(1, keepdim=True), old.sum(1, keepdim=True)
+        n_ratio, ones = len(mb) * logprobs.shape[1], torch.ones_like(logprobs)
+        adv = dev(advantages)[:, None].expand_as(logprobs)
         if a.log_ratio_clip > 0:
-            logprobs, clip_metrics = clip_log_ratio(logprobs, dev(old_logprobs), ones, a.log_ratio_clip)
+            logprobs, clip_metrics = clip_log_ratio(logprobs, old, ones, a.log_ratio_clip)
             guard_metrics.update(clip_metrics)
-        pg, pm = policy_loss(logprobs, dev(old_logprobs), adv, ones, a.clip_low, a.clip_high,
-                             is_weights=None if is_weights is None else dev(is_weights), normalizer=n_tok)
+        pg, pm = policy_loss(logprobs, old, adv, ones, a.clip_low, a.clip_high,
+                             is_weights=None if is_weights is None else dev(is_weights), normalizer=n_ratio)
         vf, vm = value_loss(values, dev(old_values), dev(returns), torch.ones_like(values), a.vf_clip, normalizer=len(mb))
         ent = entropy.sum() / n_tok
         loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent + guard_loss

@@ -160,7 +160,7 @@ class RolloutWorker:
         logprobs = None
         sent = np.zeros((n, horizon, d), np.float32)  # what the environments executed (reward providers)
         rewards = np.zeros((n, horizon), np.float32)
-        mask, dones, terminated = (np.zeros((n, horizon), bool) for _ in range(3))
+        mask, dones, terminated, timeouts = (np.zeros((n, horizon), bool) for _ in range(4))
         success = np.zeros(n, bool)
         images[:, 0], proprio[:, 0] = obs["image"], obs["proprio"]
         # Each stage: its running env ids and their observation rows (None once all its episodes ended).
@@ -187,6 +187,7 @@ class RolloutWorker:
                 ended = res.terminated | res.truncated
                 rewards[ids, step], mask[ids, step] = res.reward, True
                 dones[ids, step], terminated[ids, step] = ended, res.terminated
+                timeouts[ids, step] = res.truncated & (step + 1 >= horizon)  # the step limit, not a restart
                 success[ids] |= res.info["success"]
                 images[ids, step + 1], proprio[ids, step + 1] = res.obs["image"], res.obs["proprio"]
                 for row, i in enumerate(ids):
@@ -205,7 +206,7 @@ class RolloutWorker:
             group_ids=np.asarray(group_ids, np.int64),
             **{"action_tokens": np.zeros((n, steps, 0), np.int64), **{k: v[:, :steps] for k, v in records.items()}},
             rollout_logprobs=logprobs[:, :steps], rewards=rewards[:, :steps], mask=mask[:, :steps],
-            dones=dones[:, :steps], terminated=terminated[:, :steps], success=success,
+            dones=dones[:, :steps], terminated=terminated[:, :steps], timeouts=timeouts[:, :steps], success=success,
             weights_version=self.weights_version, env_restarts=getattr(env, "restarts", 0) - restarts,
             actions=sent[:, :steps],
         )
