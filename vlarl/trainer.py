@@ -108,7 +108,8 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
             with timer("checkpoint"):
                 save_checkpoint(cfg, w, it, version, env_steps, metrics["rollout/return"])
         metrics.update(timer.pop())
-        metrics["perf/env_steps_per_s"] = steps_collected / max(metrics["timing/collect"] + metrics.get("timing/resample", 0), 1e-9)
+        collect_seconds = metrics["timing/collect"] + metrics.get("timing/resample", 0.0)
+        metrics["perf/env_steps_per_s"] = steps_collected / max(collect_seconds, 1e-9)
         logger.log(it, metrics)
     return metrics
 
