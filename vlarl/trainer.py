@@ -84,7 +84,8 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
             batch = collect(cfg, w, it, version, frames_wanted(cfg, reward))
         with timer("reward"):  # the one place rewards are decided, for every policy and algorithm
             batch = score(reward, batch, it)
-        sampled, steps_collected = rollout_metrics(batch), int(batch.lengths.sum())  # what the policy did
+        collected = batch  # what the policy did, before dynamic sampling keeps some of it
+        sampled, steps_collected = rollout_metrics(collected), int(collected.lengths.sum())
         if cfg.algo.dynamic_sampling:
             with timer("resample"):
                 batch, more = dynamic_sampling(cfg, w, it, version, reward, batch)
@@ -96,7 +97,7 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
             metrics = mean_over_ranks(ray.get([l.update.remote(batch_ref, it) for l in w.learners]))
         with timer("sync"):
             version = push_weights(w, version + 1)
-        w.curriculum.report.remote(sampled.pop("task_ids"), sampled.pop("successes"))
+        w.curriculum.report.remote(collected.task_ids.tolist(), collected.success.astype(float).tolist())
         if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
             with timer("eval"):
                 metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
@@ -391,9 +392,7 @@ def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, curr
 
 # ---- metrics --------------------------------------------------------------------------------------
 def rollout_metrics(batch: TrajectoryBatch) -> dict:
-    """Metrics of the episodes as collected, plus their task ids and successes for the curriculum."""
-    return {"task_ids": batch.task_ids.tolist(), "successes": batch.success.astype(float).tolist(),
-            "rollout/success_rate": float(batch.success.mean()),
+    return {"rollout/success_rate": float(batch.success.mean()),
             "rollout/return": float(batch.episode_returns.mean()),
             "rollout/episode_length": float(batch.lengths.mean()),
             "rollout/episodes": float(batch.num_episodes)}

@@ -292,3 +292,17 @@ def test_truncated_is_weights_hand_case():
     old = torch.tensor([0.0, math.log(1.5), math.log(3.0), -1.0])
     w = truncated_is_weights(old, torch.zeros(4), cap=2.0)
     torch.testing.assert_close(w, torch.tensor([1.0, 1.5, 2.0, 0.367879]), rtol=1e-5, atol=1e-6)
+
+
+def test_ratio_units_per_token_and_per_action():
+    from vlarl.algo.losses import ratio_units
+
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [0.0, -0.25, -0.25]])
+    assert torch.equal(ratio_units(lp, "token"), lp)
+    assert ratio_units(lp, "action").tolist() == [[-3.5], [-0.5]]  # the action's joint log-prob
+    # One ratio per action: exp of the summed differences, the product of the per-token ratios.
+    old = torch.zeros_like(lp)
+    joint = torch.exp(ratio_units(lp, "action") - ratio_units(old, "action"))[:, 0]
+    assert torch.allclose(joint, torch.exp(lp - old).prod(1))
+    with pytest.raises(ValueError):
+        ratio_units(lp, "chunk")

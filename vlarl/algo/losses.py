@@ -74,6 +74,19 @@ def policy_loss(
     return loss, metrics
 
 
+def ratio_units(
+    logprobs: torch.Tensor,  # (N, D) log-probs per token (or per flow element) of each step's action
+    level: str,
+) -> torch.Tensor:
+    """The log-probs PPO takes one ratio of each: per token (N, D) as given, or per action (N, 1), the
+    step's D log-probs summed (the action's joint log-prob), so the clip bounds the whole action."""
+    if level == "token":
+        return logprobs
+    if level == "action":
+        return logprobs.sum(-1, keepdim=True)
+    raise ValueError(f"ratio level {level!r} is not token or action.")
+
+
 def value_loss(
     values: torch.Tensor,      # (N, ...) critic output, requires grad
     old_values: torch.Tensor,  # (N, ...) critic output at rollout time

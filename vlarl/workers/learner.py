@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from vlarl.algo.advantages import EPISODE_ADVANTAGES, gae, group_filter_mask, masked_whiten
 from vlarl.algo.guards import clip_log_ratio, kl_to_reference
-from vlarl.algo.losses import policy_loss, truncated_is_weights, value_loss
+from vlarl.algo.losses import policy_loss, ratio_units, truncated_is_weights, value_loss
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.models.factory import apply_lora, load_model, merge_lora_state_dict
 from vlarl.models.flow import pack_chains
@@ -148,8 +148,8 @@ class LearnerWorker:
         advantages, returns, keep = self._advantages(batch, inputs, ep, t, tokens, old_values, temp)
         is_weights = None
         if a.tis_cap > 0:
-            level = (lambda x: x.sum(1, keepdim=True)) if a.ratio_level == "action" else (lambda x: x)  # noqa: E731
-            is_weights = truncated_is_weights(level(old_logprobs), level(rollout_logprobs), a.tis_cap)
+            is_weights = truncated_is_weights(ratio_units(old_logprobs, a.ratio_level),
+                                              ratio_units(rollout_logprobs, a.ratio_level), a.tis_cap)
         warmup = iteration < a.critic_warmup_iters
         steps = np.nonzero(keep.numpy())[0]
         for epoch in range(a.epochs):
@@ -205,8 +205,7 @@ class LearnerWorker:
         old = dev(old_logprobs)
         ones = torch.ones_like(logprobs)
         guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, ones, n_tok, temp)
-        if a.ratio_level == "action":  # one ratio per action: the step's log-probs summed
-            logprobs, old = logprobs.sum(1, keepdim=True), old.sum(1, keepdim=True)
+        logprobs, old = ratio_units(logprobs, a.ratio_level), ratio_units(old, a.ratio_level)
         n_ratio, ones = len(mb) * logprobs.shape[1], torch.ones_like(logprobs)
         adv = dev(advantages)[:, None].expand_as(logprobs)
         if a.log_ratio_clip > 0:
