@@ -27,8 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlarl.config import load_config  # noqa: E402
-from vlarl.models.action_tokenizer import ActionTokenizer  # noqa: E402
-from vlarl.models.factory import build_tiny_token_vla  # noqa: E402
+from vlarl.models.registry import build_tiny_model  # noqa: E402
 from vlarl.rollout.hf_engine import HFEngine  # noqa: E402
 from vlarl.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from vlarl.rollout.weight_sync import (broadcast_buckets, decoder_weights, export_ipc, gpu_uuid,  # noqa: E402
@@ -57,8 +56,7 @@ def actions_per_s(engine, batch: int, size: int, repeats: int) -> float:
 
 def build(overrides: list[str], size: int):
     cfg = load_config(["env=toy", *overrides])
-    model, tokenizer, stats = build_tiny_token_vla(cfg.model, size, INSTRUCTIONS, 0)
-    return model, tokenizer, ActionTokenizer(model.vocab_size, stats)
+    return tuple(build_tiny_model(cfg.model, size, INSTRUCTIONS, 0))
 
 
 def transports(device: str) -> list[str]:

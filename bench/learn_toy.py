@@ -26,7 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vlarl.config import load_config  # noqa: E402
-from vlarl.envs.base import ACTION_DIM, held_out_episodes, make_env  # noqa: E402
+from vlarl.data.spec import ACTION_DIM  # noqa: E402
+from vlarl.envs import make_env  # noqa: E402
+from vlarl.envs.base import held_out_episodes  # noqa: E402
 
 COMMON = ["env=toy", "trainer.bc_warmup_steps=4000", "trainer.iterations=60", "rollout.eval_every=10",
           "rollout.eval_episodes=256", "rollout.num_envs=128", "algo.actor_lr=3e-4", "cluster.torch_threads=2"]

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from vlarl.data.batch import EvalEpisodes
+from vlarl.data.video import write_video
 
-VIDEO_FPS = 20  # LIBERO's control frequency
-MIN_VIDEO_SIDE = 128  # small model images are enlarged (nearest) so players show them
 
 
 # ---- shared with the trainer ------------------------------------------------------------------
@@ -83,18 +82,12 @@ def report(result: EvalEpisodes, instructions: list[str], suite: str) -> dict:
 
 def write_videos(result: EvalEpisodes, folder: Path, prefix: str = "") -> list[str]:
     """One MP4 per recorded episode: {prefix}task{T}_init{K}_{success|failure}.mp4"""
-    import imageio.v2 as imageio
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, frames in sorted(result.videos.items()):
-        scale = max(1, -(-MIN_VIDEO_SIDE // frames.shape[1]))
-        frames = frames.repeat(scale, 1).repeat(scale, 2) if scale > 1 else frames
         name = (f"{prefix}task{result.task_ids[k]}_init{result.init_state_ids[k]}_"
                 f"{'success' if result.success[k] else 'failure'}.mp4")
-        tmp = folder / f".tmp-{name}"
-        imageio.mimwrite(tmp, list(frames), fps=VIDEO_FPS, format="FFMPEG", codec="libx264", macro_block_size=16)
-        os.replace(tmp, folder / name)
+        write_video(frames, folder / name)
         paths.append(str(folder / name))
     return paths
 
@@ -131,12 +124,12 @@ def parse_ids(text: str | None, count: int, what: str) -> list[int] | None:
 def load_checkpoint(path: Path, base_model: str | None = None) -> tuple[dict, dict, str]:
     """(run config, merged model state, base model folder) of a checkpoint directory, with the
     export tool's checks (a base model that fits, adapters merged)."""
-    from vlarl.export import ExportError, find_base_model, merged_state, read_checkpoint
+    from vlarl.export import ExportError, find_base_model, load_base, merged_state, read_checkpoint
 
     try:
         ckpt = read_checkpoint(path)
         base = find_base_model(ckpt, base_model)
-        state, _ = merged_state(ckpt, base)
+        state, _ = merged_state(ckpt, base, load_base(base, ckpt).model)
     except ExportError as e:
         raise EvalError(str(e)) from None
     return ckpt.run_config, state, str(base)
@@ -148,6 +141,7 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
     from omegaconf import OmegaConf
 
     from vlarl.config import Config, ConfigError, _set, validate
+    from vlarl.preflight import check_components
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), run_config)
     if suite != cfg.env.name:
@@ -161,6 +155,7 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
             key, _, value = item.partition("=")
             _set(cfg, key, value)
         validate(cfg)
+        check_components(cfg)
     except ConfigError as e:
         raise EvalError(str(e)) from None
     except Exception as e:  # OmegaConf's own errors for unknown keys or bad types
@@ -173,7 +168,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
                         overrides: list[str] = (), base_model: str | None = None) -> dict:
     import ray
 
-    from vlarl.trainer import SetupError, check_renderer, init_ray, release, start_rollout_workers
+    from vlarl.cluster import SetupError, check_renderer, init_ray, release, start_rollout_workers
 
     path = Path(checkpoint).resolve()
     run_config, state, base = load_checkpoint(path, base_model)

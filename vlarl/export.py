@@ -2,7 +2,9 @@
 
 `export(checkpoint, out)` (CLI: tools/merge_adapters.py) reads a checkpoint directory written by
 the CheckpointActor (run_dir/best_return or run_dir/checkpoints/step_NNNNNN), folds LoRA adapters
-into their base weights (a full checkpoint is taken as it is), and writes::
+into their base weights (a full checkpoint is taken as it is), and writes the folder the base
+model's family exports (`Family.export`): an OpenVLA base gives an OpenVLA folder (its layout, key
+names and remote-code files, the value head in a separate file). For vlarl's tiny families::
 
     out/config.json, model*.safetensors    the token or flow VLA; AutoModel.from_pretrained(out)
                                             after `import vlarl.models`
@@ -34,17 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from vlarl.models.factory import MODEL_CLASSES, merge_lora_state_dict
-from vlarl.models.flow import FlowVLA
+from vlarl.models.family import DTYPES, FamilyError, Loaded
+from vlarl.models.lora import merge_lora_state_dict
+from vlarl.models.registry import family_of_folder, load_model
 from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_STATE_FILE
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DECODER_DIR = "decoder"  # sub-folder holding the decoder alone (LlamaForCausalLM)
 METADATA_FILE = "merge_metadata.json"
-# Parameters apply_lora leaves trainable besides the adapters; everything else is frozen base weight.
-TRAINED_WITH_LORA = ("value_head", "projector", "proprio_proj")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
 USE_RUN_BASE = "pass the model the run started from with --base-model DIR."  # the fix for every base mismatch
 
@@ -91,30 +90,25 @@ def find_base_model(ckpt: Checkpoint, base_model: str | None) -> Path:
     if not (folder / "config.json").is_file():
         raise ExportError(f"base model {folder} (from {source}) is missing; pass the model the run started from "
                           f"with --base-model DIR.")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type not in MODEL_CLASSES:
-        raise ExportError(f"base model {folder} is a {model_type!r} model, not a vlarl token or flow VLA; pass the "
-                          f"model the run started from with --base-model DIR.")
-    for name in ("action_stats.json", "tokenizer_config.json"):
-        if not (folder / name).is_file():
-            raise ExportError(f"base model {folder} has no {name}; pass a folder written by vlarl with --base-model DIR.")
+    try:
+        family_of_folder(folder, ckpt.run_config.get("model", {}).get("family"))
+    except FamilyError as e:
+        raise ExportError(f"base model {folder} cannot be exported ({e}); {USE_RUN_BASE}") from None
     return folder.resolve()
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face folder, sharded or not."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+def load_base(base: Path, ckpt: Checkpoint) -> Loaded:
+    """The base model through its family, with the run's model settings (family override, unnorm_key...)."""
+    from omegaconf import OmegaConf
 
+    from vlarl.models.registry import default_model_cfg
 
-def base_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for f in weight_files(folder):
-        with safe_open(f, "pt") as st:
-            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-    return shapes
+    run_model = {k: v for k, v in ckpt.run_config.get("model", {}).items() if k in default_model_cfg()}
+    model_cfg = OmegaConf.merge(default_model_cfg(), run_model, {"path": str(base)})
+    try:
+        return load_model(base, model_cfg)
+    except (FileNotFoundError, FamilyError) as e:
+        raise ExportError(f"base model {base} does not load ({e}); {USE_RUN_BASE}") from None
 
 
 # ---- checks and the merge -----------------------------------------------------------------------
@@ -146,9 +140,10 @@ def check_adapters_fit(state: dict, shapes: dict, base: Path) -> None:
                               f"trained (--base-model DIR).")
 
 
-def check_base_matches(merged: dict, shapes: dict, base: Path, frozen: dict) -> None:
-    """Same parameter names and shapes as the base; the `frozen` tensors (base name -> value the
-    checkpoint holds) must equal the base's exactly."""
+def check_base_matches(merged: dict, base_state: dict, base: Path, frozen: dict) -> None:
+    """Same parameter names and shapes as the base (its state in vlarl's names); the `frozen` tensors
+    (name -> value the checkpoint holds) must equal the base's exactly."""
+    shapes = {k: tuple(v.shape) for k, v in base_state.items()}
     if set(merged) != set(shapes):
         extra, lacking = sorted(set(merged) - set(shapes)), sorted(set(shapes) - set(merged))
         raise ExportError(f"the checkpoint does not match the base model {base} (checkpoint-only parameters "
@@ -157,74 +152,36 @@ def check_base_matches(merged: dict, shapes: dict, base: Path, frozen: dict) -> 
         if tuple(v.shape) != shapes[k]:
             raise ExportError(f"the checkpoint does not match the base model {base} ({k} is {tuple(v.shape)} in the "
                               f"checkpoint, {shapes[k]} in the base); {USE_RUN_BASE}")
-    for f in weight_files(base):
-        with safe_open(f, "pt") as st:
-            for k in frozen.keys() & set(st.keys()):
-                if not torch.equal(st.get_tensor(k).to(frozen[k].dtype), frozen[k]):
-                    raise ExportError(f"the checkpoint was trained from a different base model than {base} (the frozen "
-                                      f"weight {k} differs); {USE_RUN_BASE}")
+    for k in frozen.keys() & base_state.keys():
+        if not torch.equal(base_state[k].to(frozen[k].dtype), frozen[k]):
+            raise ExportError(f"the checkpoint was trained from a different base model than {base} (the frozen "
+                              f"weight {k} differs); {USE_RUN_BASE}")
 
 
-def merged_state(ckpt: Checkpoint, base: Path) -> tuple[dict, dict | None]:
-    """Full parameter state with adapters folded in, and the LoRA settings (None for a full checkpoint)."""
-    shapes = base_shapes(base)
+def merged_state(ckpt: Checkpoint, base: Path, base_model) -> tuple[dict, dict | None]:
+    """Full parameter state with adapters folded in, and the LoRA settings (None for a full checkpoint).
+    `base_model` is the base folder loaded by its family (its parameters under vlarl's names)."""
+    base_state = base_model.state_dict()
     if not lora_prefixes(ckpt.state):
-        check_base_matches(ckpt.state, shapes, base, frozen={})
+        check_base_matches(ckpt.state, base_state, base, frozen={})
         return ckpt.state, None
-    check_adapters_fit(ckpt.state, shapes, base)
+    check_adapters_fit(ckpt.state, {k: tuple(v.shape) for k, v in base_state.items()}, base)
     lora = lora_settings(ckpt)
     merged = merge_lora_state_dict(ckpt.state, lora["scaling"])
     frozen = {k.replace(".base_layer.", "."): v for k, v in ckpt.state.items()
-              if ".lora_" not in k and not k.startswith(TRAINED_WITH_LORA)}
-    check_base_matches(merged, shapes, base, frozen)
+              if ".lora_" not in k and not k.startswith(tuple(base_model.lora_trainable))}
+    check_base_matches(merged, base_state, base, frozen)
     return merged, lora
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def build_model(base: Path, state: dict, dtype: torch.dtype):
-    """The base's VLA class (token or flow) holding `state`, built on the meta device so no memory goes
-    to a throwaway init."""
-    cls = MODEL_CLASSES[json.loads((base / "config.json").read_text())["model_type"]]
-    config = cls.config_class.from_pretrained(base)
-    with torch.device("meta"):
-        model = cls(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    model.config.dtype = model.language_model.config.dtype = dtype
-    return model.eval()
-
-
-def write_folders(tmp: Path, model, base: Path, max_shard_size: str) -> None:
-    """The VLA folder and, for a token VLA, its decoder/ sub-folder and greedy generation config;
-    everything but merge_metadata.json."""
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, SiglipImageProcessorPil
+def write_folders(tmp: Path, loaded: Loaded, state: dict, base: Path, dtype: str, max_shard_size: str) -> None:
+    """The base's family writes its export of `state` in `dtype` (everything but merge_metadata.json)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a tool's stderr carries its one-line result, not shard bars
-
-    from vlarl.models.action_tokenizer import ActionStats
-
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
-    side = model.config.vision_config.get("image_size", 224)
-    # The model maps uint8 pixels to [-1, 1] itself (x / 127.5 - 1); these settings say the same in
-    # the form image pipelines read: resize to the encoder's size, rescale 1/255, mean = std = 0.5.
-    processor = SiglipImageProcessorPil(size={"height": side, "width": side}, do_resize=True, do_rescale=True,
-                                        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
-                                        image_std=[0.5] * 3)
-    folders, generation = [(tmp, model)], None
-    if not isinstance(model, FlowVLA):  # a flow VLA's actions come from its expert's ODE, not from decoding
-        d = model.config.action_dim
-        generation = GenerationConfig(do_sample=False, max_new_tokens=d, min_new_tokens=d,
-                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id)
-        model.language_model.generation_config = generation
-        folders.append((tmp / DECODER_DIR, model.language_model))
-    for folder, net in folders:
-        net.save_pretrained(folder, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(folder)
-        if generation is not None:
-            generation.save_pretrained(folder)
-    processor.save_pretrained(tmp)
-    ActionStats.load(base).save(tmp)
+    loaded.model.to(DTYPES[dtype]).load_state_dict({k: v.to(DTYPES[dtype]) for k, v in state.items()}, strict=True)
+    loaded.family.export(tmp, loaded, base, max_shard_size)
 
 
 def sha256(path: Path) -> str:
@@ -287,15 +244,15 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str | None = None, fo
     base = find_base_model(ckpt, base_model)
     check_output(out, force, [checkpoint, base])
     dtype = dtype or ckpt.run_config.get("model", {}).get("dtype", "float32")
-    state, lora = merged_state(ckpt, base)
-    model = build_model(base, state, DTYPES[dtype])
+    loaded = load_base(base, ckpt)  # in the run's dtype: the frozen weights compare value for value
+    state, lora = merged_state(ckpt, base, loaded.model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_leftovers(out)
     tmp, trash = (out.with_name(f"{p}{out.name}-{os.getpid()}") for p in (_TMP_PREFIX, _TRASH_PREFIX))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_folders(tmp, model, base, max_shard_size)
+        write_folders(tmp, loaded, state, base, dtype, max_shard_size)
         write_metadata(tmp, ckpt, base, lora, dtype)
         fsync_tree(tmp)
         if out.exists():  # --force: the old folder stays whole until the new one is complete

@@ -7,20 +7,22 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from vlarl.config import ConfigError, help_text, load_config
+    from vlarl.config import ConfigError, help_text
+    from vlarl.preflight import load_run_config
 
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
     try:
-        cfg = load_config(argv)
+        cfg = load_run_config(argv)
     except ConfigError as e:
         print(f"vlarl: config error: {e}", file=sys.stderr)
         return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from vlarl.trainer import SetupError, train
+    from vlarl.cluster import SetupError
+    from vlarl.trainer import train
 
     try:
         train(cfg)

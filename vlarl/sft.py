@@ -1,7 +1,7 @@
 """Supervised warm starts: `python -m vlarl.sft data.path=DEMOS [model=tiny_token|tiny_flow] [key=value ...]`.
 
 Trains a vlarl policy on demonstrations (LIBERO/robomimic HDF5 files, LeRobot v3 folders; vlarl/datasets)
-with its family's own supervised loss (vlarl/models/supervised.py: the token VLA's negative log-likelihood
+with its family's own supervised loss (the family's `supervised` entry: the token VLA's negative log-likelihood
 of the expert's action bins, the flow VLA's flow matching) and writes model folders that
 `python -m vlarl.main model.path=<sft.out_dir>/final` continues with RL. The model is `model.path`, or a
 tiny model built from config for `env` (its image size and action chunk) with a tokenizer over the
@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlarl.config import ConfigError, DataConfig, SFTConfig, load_config
+from vlarl.config import ConfigError, DataConfig, SFTConfig
 from vlarl.datasets import DatasetError, Episode, ReadOptions, action_chunks, read_episodes, split_episodes
-from vlarl.envs.base import ACTION_DIM
+from vlarl.data.spec import ACTION_DIM
 from vlarl.metrics import MetricsLogger
 from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
-from vlarl.models.factory import DTYPES, build_tiny_model, load_model, save_model
-from vlarl.models.supervised import family_of
+from vlarl.models.family import DTYPES, Loaded
+from vlarl.models.registry import build_tiny_model, load_model, save_model
+from vlarl.preflight import load_run_config
 from vlarl.rollout.hf_engine import InstructionCache
 from vlarl.workers.checkpoint import _fsync_path, _replace_dir
 
@@ -70,7 +71,7 @@ class DemoSteps:
 
 # ---- configuration ------------------------------------------------------------------------------------
 def check_sft(cfg: DictConfig) -> None:
-    """The data/sft settings fit together (the rest of cfg is checked by load_config)."""
+    """The data/sft settings fit together (the rest of cfg is checked by load_run_config)."""
     d, s = cfg.data, cfg.sft
     if d.path is None:
         raise ConfigError("data.path is not set; point it at a LIBERO/robomimic HDF5 file or folder, or a LeRobot v3 "
@@ -101,11 +102,11 @@ def dataset_stats(actions: np.ndarray, chunk: int) -> ActionStats:
 
 
 # ---- output folders ------------------------------------------------------------------------------------
-def write_folder(final: Path, model, tokenizer, stats: ActionStats, state: dict, optimizer=None) -> None:
-    """A model folder (save_model's layout + sft_state.json, + optimizer.pt when given), atomically."""
+def write_folder(final: Path, loaded: Loaded, state: dict, optimizer=None) -> None:
+    """A model folder (its family's layout + sft_state.json, + optimizer.pt when given), atomically."""
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model, tokenizer, stats)
+    save_model(tmp, loaded)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -153,9 +154,9 @@ class Run:
         self.state = {"step": 0, "best_val_loss": None}
         folder = resume_from or cfg.model.path  # None: a fresh tiny model, built once the instructions are read
         if folder is not None:
-            self.model, self.tokenizer, self.action_tokenizer = load_model(folder, cfg.model.dtype, cfg.model.flow)
-            self.family = family_of(self.model)
-            image_size, self.chunk = self.family.geometry(self.model)
+            self.loaded = load_model(folder, cfg.model)
+            self.model, self.tokenizer, self.action_tokenizer = self.loaded
+            image_size, self.chunk = self.model.image_size, self.model.config.action_dim // ACTION_DIM
         else:
             image_size, self.chunk = cfg.env.image_size, cfg.env.action_chunk
         if resume_from is not None:
@@ -172,19 +173,20 @@ class Run:
         instructions = sorted({e.instruction for e in episodes})
         del episodes
         if folder is None:
-            model, self.tokenizer, _ = build_tiny_model(cfg.model, image_size, instructions, cfg.sft.seed, self.chunk)
-            self.model = model.to(DTYPES[cfg.model.dtype])
+            built = build_tiny_model(cfg.model, image_size, instructions, cfg.sft.seed, self.chunk)
+            self.model, self.tokenizer = built.model.to(DTYPES[cfg.model.dtype]), built.tokenizer
             stats = dataset_stats(self.train.actions[:, :ACTION_DIM], self.chunk)
             self.action_tokenizer = ActionTokenizer(self.model.vocab_size, stats)
-            self.family = family_of(self.model)
+            self.loaded = Loaded(self.model, self.tokenizer, self.action_tokenizer, built.family)
+        self.supervised = self.loaded.family.supervised
         self.model.to(self.device)
-        self.lr = cfg.sft.lr if cfg.sft.lr is not None else self.family.lr
+        self.lr = cfg.sft.lr if cfg.sft.lr is not None else self.supervised.lr
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
                                            weight_decay=0.0, foreach=True)
         if resume_from is not None:
             self.optimizer.load_state_dict(torch.load(resume_from / OPTIMIZER_FILE, map_location=self.device,
                                                       weights_only=True))
-        self.instructions = InstructionCache(self.tokenizer)
+        self.instructions = InstructionCache(self.tokenizer, self.model)
         self.resumed_from = resume_from
         self.unknown_words = self._unknown_words(instructions)
 
@@ -211,7 +213,7 @@ class Run:
 
     def losses(self, steps: DemoSteps, idx: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """(B,) supervised losses of steps idx."""
-        return self.family.loss(self.model, self.inputs(steps, idx), steps.actions[idx], self.action_tokenizer,
+        return self.supervised.loss(self.model, self.inputs(steps, idx), steps.actions[idx], self.action_tokenizer,
                                 generator)
 
     def train_step(self, step: int) -> float:
@@ -245,7 +247,7 @@ class Run:
     def save(self, name: str, step: int, optimizer: bool = False) -> Path:
         folder = self.out / CHECKPOINTS / f"step_{step:06d}" if name == CHECKPOINTS else self.out / name
         folder.parent.mkdir(parents=True, exist_ok=True)
-        write_folder(folder, self.model, self.tokenizer, self.action_tokenizer.stats, {**self.state, "step": step},
+        write_folder(folder, self.loaded, {**self.state, "step": step},
                      self.optimizer if optimizer else None)
         if name == CHECKPOINTS:
             for old in checkpoints(self.out)[:-self.cfg.sft.keep_last]:
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     try:
-        cfg = load_config(argv)
+        cfg = load_run_config(argv)
         check_sft(cfg)
     except ConfigError as e:
         print(f"vlarl: config error: {e}", file=sys.stderr)

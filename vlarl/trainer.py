@@ -18,6 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlarl.algo.advantages import group_filter_mask
+from vlarl.cluster import (SetupError, check_renderer, colocated_gpus, gpu_share, init_ray, release,
+                           start_rollout_workers)
 from vlarl.config import warm_start_lr
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.envs.base import held_out_episodes
@@ -26,11 +28,6 @@ from vlarl.rewards import RewardProvider, make_reward, score
 from vlarl.workers.checkpoint import CheckpointActor
 from vlarl.workers.curriculum import CurriculumManager
 from vlarl.workers.learner import LearnerWorker
-from vlarl.workers.rollout import RolloutWorker
-
-
-class SetupError(RuntimeError):
-    """The run directory or the cluster cannot be used as asked; the message says what to do."""
 
 
 @dataclass
@@ -116,30 +113,6 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
 
 
 # ---- setup ------------------------------------------------------------------------------------
-def init_ray(cfg: DictConfig) -> None:
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:  # an existing cluster, e.g. under `ray job submit`
-        ray.init(address=address, log_to_driver=True)
-        return
-    c = cfg.cluster
-    needed = c.num_rollout_workers * c.cpus_per_rollout_worker + c.num_learners * c.cpus_per_learner
-    # address="local": always a fresh cluster, never silently joining one started by `ray start`.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=c.dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True)
-
-
-def check_renderer(cfg: DictConfig) -> None:
-    """LIBERO cameras need OpenGL (EGL or OSMesa); find out before any actor starts."""
-    if cfg.env.name == "toy":
-        return
-    from vlarl.envs.libero import SimulatorError, render_backend
-
-    try:
-        render_backend(cfg.env.render)
-    except SimulatorError as e:
-        raise SetupError(str(e)) from None
 
 
 def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
@@ -148,14 +121,13 @@ def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
         return str(Path(cfg.model.path).resolve())
     folder = run_dir / "base_model"
     if not (folder / "config.json").is_file():
-        from vlarl.envs.base import make_env
-        from vlarl.models.factory import build_tiny_model, save_model
+        from vlarl.envs import make_env
+        from vlarl.models.registry import build_tiny_model, save_model
 
         instructions = make_env(cfg.env, 1, cfg.trainer.seed).instructions()
-        model, tokenizer, stats = build_tiny_model(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed,
-                                                   cfg.env.action_chunk)
+        loaded = build_tiny_model(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed, cfg.env.action_chunk)
         tmp = folder.with_name(f".tmp-base_model-{os.getpid()}")
-        save_model(tmp, model, tokenizer, stats)
+        save_model(tmp, loaded)
         os.replace(tmp, folder)
     return str(folder)
 
@@ -185,59 +157,11 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     return Workers(rollout, learners, curriculum, checkpoint, num_params, gpu_pairs)
 
 
-def start_rollout_workers(cfg: DictConfig, model_folder: str, gpu_pairs=None) -> list:
-    """cluster.num_rollout_workers RolloutWorker actors sharing rollout.num_envs environments; with
-    `gpu_pairs` (colocated_gpus) worker i shares GPU i with learner rank i."""
-    c = cfg.cluster
-    per_worker = cfg.rollout.num_envs // c.num_rollout_workers
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    gpu = int(c.device == "cuda")
-    return [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, max_restarts=3, max_task_retries=1,
-                                              **gpu_share(gpu, gpu_pairs, i))
-            .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
-
-
-def colocated_gpus(cfg: DictConfig):
-    """A placement group of one bundle per GPU, each holding one rollout worker and one learner rank."""
-    from ray.util.placement_group import placement_group
-
-    c = cfg.cluster
-    bundle = {"GPU": 1, "CPU": c.cpus_per_rollout_worker + c.cpus_per_learner}
-    pg = placement_group([bundle] * c.num_learners, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=120)
-    if not ready:
-        ray.util.remove_placement_group(pg)
-        raise SetupError(f"cluster.colocate=true needs {c.num_learners} bundle(s) of {bundle} and the Ray cluster "
-                         "could not place them in 120 s; check `ray status` for free GPUs and CPUs.")
-    return pg
-
-
-def gpu_share(gpu: int, gpu_pairs, index: int) -> dict:
-    """Ray options for actor `index`: a whole GPU, or half of bundle `index`'s GPU when colocated."""
-    if gpu_pairs is None:
-        return {"num_gpus": gpu}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return {"num_gpus": 0.5, "scheduling_strategy": PlacementGroupSchedulingStrategy(
-        placement_group=gpu_pairs, placement_group_bundle_index=index)}
-
-
 def stop_workers(w: Workers) -> None:
     """Release the actors (and the learners' process group) so the cluster is free for the next job."""
     release([*w.learners, *w.rollout], [w.curriculum, w.checkpoint])
     if w.gpu_pairs is not None:
         ray.util.remove_placement_group(w.gpu_pairs)
-
-
-def release(closable: list, others: list = ()) -> None:
-    """Let `closable` actors shut down (process groups, simulators, engines), then kill them all.
-    Never raises: on the way out of a failure the original error is the one worth seeing."""
-    try:
-        ray.get([a.shutdown.remote() for a in closable], timeout=30)
-    except Exception:  # a dead or stuck actor: killing it below frees it anyway
-        pass
-    for actor in [*closable, *others]:
-        ray.kill(actor)
 
 
 def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
 
 def test_engine_on_cuda_matches_cpu_greedy(setup):
     from vlarl.envs.toy import ToyEnv
-    from vlarl.models.factory import load_model
+    from vlarl.models.registry import load_model
     from vlarl.rollout.hf_engine import HFEngine
 
     cfg, folder = setup

@@ -18,7 +18,8 @@ vllm = pytest.importorskip("vllm", reason="needs vLLM: pip install 'vlarl[vllm]'
 import ray  # noqa: E402
 
 from vlarl.config import load_config  # noqa: E402
-from vlarl.trainer import colocated_gpus, gpu_share, prepare_model  # noqa: E402
+from vlarl.cluster import colocated_gpus, gpu_share  # noqa: E402
+from vlarl.trainer import prepare_model  # noqa: E402
 from vlarl.workers.learner import LearnerWorker  # noqa: E402
 from vlarl.workers.rollout import RolloutWorker  # noqa: E402
 
@@ -69,7 +70,7 @@ def engine_greedy(worker, obs) -> np.ndarray:
 
 def learner_greedy(learner, folder: str, obs) -> np.ndarray:
     """Greedy tokens of the learner's current weights, by the hf engine on this process's GPU."""
-    from vlarl.models.factory import load_model
+    from vlarl.models.registry import load_model
     from vlarl.rollout.hf_engine import HFEngine
 
     state = ray.get(learner.full_state.remote())[0]

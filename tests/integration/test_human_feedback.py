@@ -14,7 +14,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from vlarl.rewards.human import FeedbackService, write_video
+from vlarl.data.video import write_video
+from vlarl.rewards.human import FeedbackService
 from vlarl.rewards.store import LabelStore
 
 pytestmark = pytest.mark.integration

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import ray
-import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from vlarl.config import load_config
-from vlarl.envs.base import make_env
-from vlarl.models.factory import build_tiny_token_vla, save_model
+from vlarl.envs import make_env
+from vlarl.models.openvla.tiny import write_tiny_openvla
+from vlarl.models.registry import build_tiny_model, load_model, save_model
 from vlarl.workers.learner import LearnerWorker
 from vlarl.workers.rollout import RolloutWorker
 
@@ -41,14 +40,24 @@ def stop(learners: list) -> None:
             ray.kill(l)
 
 
-def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path):
+def model_folder(family: str, tmp_path) -> tuple[str, list[str]]:
+    """A model folder of the family and the settings that load it."""
+    folder = tmp_path / "model"
+    if family == "openvla":  # full-weight training of the decoder and projector, towers frozen
+        write_tiny_openvla(folder, seed=0)
+        return str(folder), ["model=openvla", "model.unnorm_key=libero_spatial_no_noops", "model.lora_rank=0",
+                             f"model.path={folder}"]
+    cfg = load_config(["env=toy"])
+    save_model(folder, build_tiny_model(cfg.model, cfg.env.image_size, make_env(cfg.env, 1, 0).instructions(), 0))
+    return str(folder), []
+
+
+@pytest.mark.parametrize("family", ["tiny_token", "openvla"])
+def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path, family):
+    folder, settings = model_folder(family, tmp_path)
     cfg = load_config(["env=toy", f"trainer.run_dir={tmp_path}", "rollout.num_envs=16", "algo.epochs=1",
-                       "algo.minibatch_size=32", "rollout.eval_every=0", "cluster.dashboard=false"])
+                       "algo.minibatch_size=32", "rollout.eval_every=0", "cluster.dashboard=false", *settings])
     plain = OmegaConf.to_container(cfg, resolve=True)
-    instructions = make_env(cfg.env, 1, cfg.trainer.seed).instructions()
-    model, tokenizer, stats = build_tiny_token_vla(cfg.model, cfg.env.image_size, instructions, cfg.trainer.seed)
-    folder = str(tmp_path / "model")
-    save_model(folder, model, tokenizer, stats)
 
     # A batch without a single success has all-zero rewards, and with the value head's zero
     # init all-zero advantages and value targets: no gradient, and any two groups would "agree".
@@ -65,7 +74,7 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path):
     assert batch.success.any() and not batch.success.all(), "no batch with mixed outcomes in 10 tries"
     steps = int(batch.lengths.sum())
     assert steps >= 3 * 32, f"only {steps} steps: too few for several minibatches of 32"
-    initial = load_file(f"{folder}/model.safetensors")
+    initial = load_model(folder, cfg.model).model.state_dict()
 
     results = {}
     for world_size in (1, 2):

@@ -20,7 +20,8 @@ import vlarl.models  # noqa: F401  registers the token VLA with the Auto classes
 from vlarl.config import load_config
 from vlarl.envs.toy import ToyEnv
 from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
-from vlarl.models.factory import apply_lora, load_model
+from vlarl.models.lora import apply_lora
+from vlarl.models.registry import load_model
 from vlarl.rollout.hf_engine import HFEngine
 from vlarl.trainer import train
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from vlarl.config import load_config
 from vlarl.datasets.toy import toy_episodes, write_toy
-from vlarl.models.factory import load_model
-from vlarl.models.flow import FlowVLA
+from vlarl.models.registry import load_model
+from vlarl.models.tiny_flow.modeling import FlowVLA
 from vlarl.sft import main, train_sft
 from vlarl.trainer import train
 
@@ -102,3 +102,21 @@ def test_cli_errors_are_one_line(demos, tmp_path, capsys):
     assert "data.path is not set" in capsys.readouterr().err
     assert main(["env=toy", f"data.path={demos / 'hdf5'}", "model.lora_rank=4"]) == 2
     assert "model.lora_rank" in capsys.readouterr().err
+
+
+def test_openvla_checkpoint_learns_and_keeps_its_layout(demos, tmp_path):
+    """An OpenVLA-layout folder trains with its own tokenizer and statistics and is written back in its layout."""
+    from vlarl.models.openvla.tiny import write_tiny_openvla
+    from vlarl.models.registry import family_of_folder
+
+    base = write_tiny_openvla(tmp_path / "base", seed=0)
+    out = tmp_path / "sft"
+    sft(out, demos / "hdf5", "model=openvla", f"model.path={base}", "model.unnorm_key=libero_spatial_no_noops",
+        "sft.steps=30", "sft.val_every=15", "sft.log_every=15", "sft.lr=1e-3")
+    best = json.loads((out / "best" / "sft_state.json").read_text())
+    assert best["best_val_loss"] < rows(out)[0]["sft/val_loss"]
+    assert family_of_folder(out / "final").name == "openvla"
+    assert (out / "final" / "config.json").read_text() == (base / "config.json").read_text()
+    trained, original = load_file(out / "final" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert trained.keys() == original.keys()
+    assert any(not torch.equal(trained[k], original[k]) for k in original)

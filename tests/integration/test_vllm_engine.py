@@ -17,7 +17,7 @@ from vlarl.workers.rollout import RolloutWorker  # noqa: E402
 pytestmark = pytest.mark.integration
 N = 16
 # Two decoder heads: a head size of 32, the smallest vLLM's CPU attention supports.
-SMALL = ["env=toy", "model.tiny.heads=2", "rollout.vllm_memory_fraction=0.05", f"rollout.num_envs={N}", "algo.minibatch_size=64", "algo.epochs=2",
+SMALL = ["env=toy", "model.tiny.heads=2", "rollout.vllm_memory_fraction=0.15", f"rollout.num_envs={N}", "algo.minibatch_size=64", "algo.epochs=2",
          "rollout.eval_every=0", "cluster.dashboard=false"]
 TASKS, INITS = [i % 4 for i in range(N)], list(range(500, 500 + N))
 

@@ -8,14 +8,16 @@ import pytest
 from omegaconf.errors import ReadonlyConfigError
 
 from vlarl.config import GROUPS, ConfigError, group_options, help_text, load_config, warm_start_lr
+from vlarl.preflight import load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def config_error(argv: list[str]) -> str:
-    """The ConfigError message load_config raises for argv (fails the test if none is raised)."""
+    """The ConfigError message a run with argv stops with (schema and component checks, as
+    `python -m vlarl.main` does; fails the test if none is raised)."""
     with pytest.raises(ConfigError) as err:
-        load_config(argv)
+        load_run_config(argv)
     return str(err.value)
 
 
@@ -126,6 +128,8 @@ def test_config_is_read_only():
     (["algo.advantage=grpo"], "algo.advantage"),
     (["algo=grpo", "rollout.num_envs=12"], "rollout.num_envs"),
     (["cluster.num_rollout_workers=3"], "rollout.num_envs"),
+    (["model=openvla"], "model.path"),  # a checkpoint family with nothing to load
+    (["model.family=nonesuch"], "model.family"),
 ])
 def test_mistakes_raise_one_line_config_error_naming_the_key(argv, key):
     message = config_error(argv)
@@ -175,7 +179,7 @@ def test_help_lists_groups_and_keys():
     assert proc.returncode == 0, proc.stderr
     for group in GROUPS:
         assert f"{group}=" in proc.stdout
-    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={tiny_flow,tiny_token}", "cluster={local_cpu}"):
+    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={openvla,tiny_flow,tiny_token}", "cluster={local_cpu}"):
         assert option in proc.stdout
     for key in ("trainer.iterations=2", "rollout.num_envs=2", "algo.group_size=1", "model.tiny.hidden=",
                 "model.path=null", "env.max_steps=", "cluster.device=cpu"):

@@ -12,9 +12,9 @@ from torch.distributions import Normal
 from vlarl.algo.flow import gaussian_logprob, sde_mean, sde_sigma, step_times
 from vlarl.algo.guards import clip_log_ratio, kl_to_reference
 from vlarl.config import load_config
-from vlarl.envs.base import make_env
-from vlarl.models.factory import build_tiny_model, load_model, save_model
-from vlarl.models.flow import FlowVLA, pack_chains, unpack_chains
+from vlarl.envs import make_env
+from vlarl.models.registry import build_tiny_model, load_model, save_model
+from vlarl.models.tiny_flow.modeling import FlowVLA, pack_chains, unpack_chains
 
 B = 6
 
@@ -164,11 +164,13 @@ def test_flow_matching_draws_come_from_the_generator():
 def test_save_load_roundtrip_keeps_logprobs(tmp_path):
     cfg = load_config(["env=toy", "model=tiny_flow", "model.flow.method=sde"])  # the run's sampler wins on load
     model, inputs = tiny("sde")
-    from vlarl.models.action_tokenizer import ActionStats
+    from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
+    from vlarl.models.family import Loaded
+    from vlarl.models.tiny_flow.family import TinyFlow
 
-    tok = build_tiny_model(cfg.model, 16, make_env(cfg.env, 1, 0).instructions())[1]
-    save_model(tmp_path, model, tok, ActionStats.identity(7))
-    loaded, _, at = load_model(tmp_path, flow_cfg=cfg.model.flow)
+    tok = build_tiny_model(cfg.model, 16, make_env(cfg.env, 1, 0).instructions()).tokenizer
+    save_model(tmp_path, Loaded(model, tok, ActionTokenizer(model.vocab_size, ActionStats.identity(7)), TinyFlow()))
+    loaded, _, at = load_model(tmp_path, cfg.model)
     assert isinstance(loaded, FlowVLA) and at.action_dim == 7
     chains, steps, lp, _ = model.sample(*inputs, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from vlarl.config import load_config
-from vlarl.envs.base import ACTION_DIM
+from vlarl.data.spec import ACTION_DIM
 from vlarl.envs.toy import ToyEnv
 from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
-from vlarl.models.factory import build_tiny_token_vla
+from vlarl.models.registry import build_tiny_model
 from vlarl.rollout.hf_engine import HFEngine, InstructionCache
 
 IMAGE_SIZE = 16
@@ -19,7 +19,7 @@ STATS = ActionStats(q01=[-0.5] * 6 + [0.0], q99=[2.0] * 6 + [1.0], mask=[True] *
 def engine():
     """An engine over a tiny VLA whose output head is re-drawn with a larger scale, so bin
     distributions are peaked rather than near-uniform (temperature then matters visibly)."""
-    model, tokenizer, _ = build_tiny_token_vla(load_config([]).model, IMAGE_SIZE, ToyEnv(1).instructions())
+    model, tokenizer, _ = build_tiny_model(load_config([]).model, IMAGE_SIZE, ToyEnv(1).instructions())
     with torch.no_grad():
         head = model.language_model.get_output_embeddings().weight
         head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
@@ -158,7 +158,7 @@ def test_padded_batch_generates_like_each_alone(engine):
 
 def test_instruction_cache_left_pads(engine):
     tokenizer = engine.instructions.tokenizer
-    cache = InstructionCache(tokenizer)
+    cache = InstructionCache(tokenizer, engine.model)
     texts = ["move to the red block", "red block", "move to the red block"]
     ids, mask = cache.encode(texts)
     long = tokenizer("move to the red block", add_special_tokens=False)["input_ids"]
@@ -175,10 +175,10 @@ def test_instruction_cache_left_pads(engine):
 
 def test_load_state_dict_updates_weights_and_rejects_mismatches():
     cfg, instructions = load_config([]).model, ToyEnv(1).instructions()
-    model, tokenizer, stats = build_tiny_token_vla(cfg, IMAGE_SIZE, instructions, seed=0)
-    other, _, _ = build_tiny_token_vla(cfg, IMAGE_SIZE, instructions, seed=1)
-    eng = HFEngine(model, tokenizer, ActionTokenizer(model.vocab_size, stats))
-    ref = HFEngine(other, tokenizer, ActionTokenizer(other.vocab_size, stats))
+    model, tokenizer, at = build_tiny_model(cfg, IMAGE_SIZE, instructions, seed=0)
+    other, _, _ = build_tiny_model(cfg, IMAGE_SIZE, instructions, seed=1)
+    eng = HFEngine(model, tokenizer, at)
+    ref = HFEngine(other, tokenizer, ActionTokenizer(other.vocab_size, at.stats))
     obs = observations(2)
     target = ref.generate(obs, 1.0, greedy=True).logprobs
     assert not np.allclose(eng.generate(obs, 1.0, greedy=True).logprobs, target)

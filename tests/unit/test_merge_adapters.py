@@ -27,9 +27,10 @@ from vlarl.config import load_config
 from vlarl.envs.toy import ToyEnv
 from vlarl.export import ExportError, export, sha256
 from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
-from vlarl.models.factory import apply_lora, build_tiny_model, build_tiny_token_vla, save_model
-from vlarl.models.flow import FlowVLA
-from vlarl.models.token_vla import TokenVLA
+from vlarl.models.lora import apply_lora
+from vlarl.models.registry import build_tiny_model, save_model
+from vlarl.models.tiny_flow.modeling import FlowVLA
+from vlarl.models.tiny_token.modeling import TokenVLA
 from vlarl.rollout.flow_engine import FlowEngine
 from vlarl.rollout.hf_engine import HFEngine
 from vlarl.workers.checkpoint import CheckpointActor
@@ -40,15 +41,16 @@ IMAGE_SIZE = 16
 
 
 def tiny(cfg, seed: int = 0):
-    return build_tiny_token_vla(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), seed)
+    return build_tiny_model(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), seed)
 
 
 def write_run(run_dir: Path, lora_rank: int, base_seed: int = 0, model_preset: str = "tiny_token") -> TokenVLA:
     """A run folder as the trainer leaves it: base_model/ and best_return/ with moved weights.
     Returns the trained model (with live LoRA layers when lora_rank > 0)."""
     cfg = load_config(["env=toy", f"model={model_preset}", f"model.lora_rank={lora_rank}", f"trainer.run_dir={run_dir}"])
-    model, tokenizer, stats = build_tiny_model(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), base_seed)
-    save_model(run_dir / "base_model", model, tokenizer, stats)
+    loaded = build_tiny_model(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), base_seed)
+    save_model(run_dir / "base_model", loaded)
+    model = loaded.model
     if lora_rank:
         model = apply_lora(model, lora_rank, cfg.model.lora_alpha)
     g = torch.Generator().manual_seed(1)
@@ -225,7 +227,7 @@ def test_base_model_with_other_weights_is_refused(lora_run, tmp_path):
     run_dir, _ = lora_run
     cfg = load_config([])
     other = tmp_path / "other_base"
-    save_model(other, *tiny(cfg, seed=7))  # same architecture, different initial weights
+    save_model(other, tiny(cfg, seed=7))  # same architecture, different initial weights
     with pytest.raises(ExportError, match="trained from a different base model"):
         export(run_dir / "best_return", tmp_path / "policy", base_model=str(other))
     assert not (tmp_path / "policy").exists()
@@ -234,14 +236,14 @@ def test_base_model_with_other_weights_is_refused(lora_run, tmp_path):
 def test_base_model_that_is_no_token_vla_is_refused(lora_run, tmp_path):
     run_dir, _ = lora_run
     out = export(run_dir / "best_return", tmp_path / "policy")
-    with pytest.raises(ExportError, match="is a 'llama' model, not a vlarl token or flow VLA"):
+    with pytest.raises(ExportError, match="holds a 'llama' model, which no family recognises"):
         export(run_dir / "best_return", tmp_path / "again", base_model=str(out / "decoder"))
 
 
 def test_base_model_of_another_size_is_refused(full_run, tmp_path):
     run_dir, _ = full_run
     other = tmp_path / "wider_base"
-    save_model(other, *tiny(load_config(["model.tiny.hidden=32"])))
+    save_model(other, tiny(load_config(["model.tiny.hidden=32"])))
     with pytest.raises(ExportError, match="does not match the base model"):
         export(run_dir / "best_return", tmp_path / "policy", base_model=str(other))
 
@@ -249,7 +251,7 @@ def test_base_model_of_another_size_is_refused(full_run, tmp_path):
 def test_adapter_that_does_not_fit_the_base_is_refused(lora_run, tmp_path):
     run_dir, _ = lora_run
     other = tmp_path / "wider_base"
-    save_model(other, *tiny(load_config(["model.tiny.intermediate=96"])))  # MLP projections of another size
+    save_model(other, tiny(load_config(["model.tiny.intermediate=96"])))  # MLP projections of another size
     with pytest.raises(ExportError, match=r"the adapter on .*mlp.* does not fit the base model"):
         export(run_dir / "best_return", tmp_path / "policy", base_model=str(other))
 

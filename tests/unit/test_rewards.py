@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vlarl.config import ConfigError, load_config
+from vlarl.config import ConfigError
+from vlarl.preflight import load_run_config
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.rewards import Episode, score
 from vlarl.rewards.builtin import CompositeReward, ExternalReward, SuccessReward, load_function
@@ -62,14 +63,14 @@ def test_external_function_is_checked_at_start(user_module, spec, words):
     with pytest.raises(ValueError, match=None) as err:
         load_function(spec)
     assert words in str(err.value)
-    # The same mistake in a run's config stops at load_config with a ConfigError.
+    # The same mistake in a run's config stops at load_run_config with a ConfigError.
     with pytest.raises(ConfigError) as cerr:
-        load_config(["env=toy", "reward=external", f"reward.function={spec}"])
+        load_run_config(["env=toy", "reward=external", f"reward.function={spec}"])
     assert words in str(cerr.value)
 
 
 def test_external_function_accepted(user_module):
-    cfg = load_config(["env=toy", "reward=external", "reward.function=my_rewards:effort"])
+    cfg = load_run_config(["env=toy", "reward=external", "reward.function=my_rewards:effort"])
     assert cfg.reward.function == "my_rewards:effort"
 
 
@@ -87,11 +88,11 @@ def test_composite_matches_hand_computation(user_module):
 
 
 def test_composite_from_config(user_module):
-    cfg = load_config(["env=toy", "reward=composite", "reward.function=my_rewards:bonus",
+    cfg = load_run_config(["env=toy", "reward=composite", "reward.function=my_rewards:bonus",
                        "reward.components=[{name: success, weight: 1.0}, {name: external, weight: -2.0}]"])
     assert [(c.name, c.weight) for c in cfg.reward.components] == [("success", 1.0), ("external", -2.0)]
     with pytest.raises(ConfigError, match="not providers"):
-        load_config(["env=toy", "reward=composite", "reward.components=[{name: succes, weight: 1.0}]"])
+        load_run_config(["env=toy", "reward=composite", "reward.components=[{name: succes, weight: 1.0}]"])
 
 
 def tiny_batch() -> TrajectoryBatch:

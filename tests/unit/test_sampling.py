@@ -1,9 +1,9 @@
-"""Per-row random draws (vlarl/rollout/sampling.py): a row's draw depends on its own generator only."""
+"""Per-row random draws (vlarl/algo/sampling.py): a row's draw depends on its own generator only."""
 
 import pytest
 import torch
 
-from vlarl.rollout import sampling
+from vlarl.algo import sampling
 
 
 def gens(rows):

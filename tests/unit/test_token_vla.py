@@ -1,14 +1,17 @@
-"""Unit tests for vlarl.models.token_vla.TokenVLA and vlarl.models.factory (build, save/load, LoRA)."""
+"""Unit tests for the tiny token VLA (vlarl/models/tiny_token), its family (build, save/load) and LoRA."""
 
 import pytest
 import torch
 
 from vlarl.config import load_config
-from vlarl.envs.base import ACTION_DIM
+from vlarl.data.spec import ACTION_DIM
 from vlarl.envs.toy import ToyEnv
 from vlarl.models.action_tokenizer import NUM_BINS, ActionTokenizer
-from vlarl.models.factory import (apply_lora, build_tiny_token_vla, load_model, merge_lora_state_dict,
-                                  save_model)
+from vlarl.models.family import Loaded
+from vlarl.models.lora import apply_lora, merge_lora_state_dict
+from vlarl.models.registry import build_tiny_model, load_model, save_model
+from vlarl.models.tiny_token.family import TinyToken
+from vlarl.models.tiny_token.modeling import TokenVLA
 from vlarl.rollout.hf_engine import InstructionCache
 
 IMAGE_SIZE = 16
@@ -18,7 +21,8 @@ LORA_RANK, LORA_ALPHA = 4, 16
 def tiny(seed: int = 0, value_head: bool = True):
     """A tiny token VLA in eval mode; with `value_head` its zero-initialised last layer is randomised
     so values depend on the input (a zero critic would pass any value test)."""
-    model, tokenizer, stats = build_tiny_token_vla(load_config([]).model, IMAGE_SIZE, ToyEnv(1).instructions(), seed)
+    model, tokenizer, action_tokenizer = build_tiny_model(load_config([]).model, IMAGE_SIZE, ToyEnv(1).instructions(), seed)
+    stats = action_tokenizer.stats
     if value_head:
         with torch.no_grad():
             g = torch.Generator().manual_seed(seed + 100)
@@ -37,7 +41,7 @@ def batch(tokenizer, instructions=None, seed: int = 0):
     env = ToyEnv(4)
     obs = env.reset([0, 1, 2, 3], [seed, seed + 1, seed + 2, seed + 3])
     instructions = obs["instruction"] if instructions is None else instructions
-    ids, mask = InstructionCache(tokenizer).encode(instructions)
+    ids, mask = InstructionCache(tokenizer, TokenVLA).encode(instructions)
     n = len(instructions)
     g = torch.Generator().manual_seed(seed)
     first = len(tokenizer) - NUM_BINS
@@ -149,7 +153,7 @@ def test_left_padding_matches_unpadded(built):
     with torch.no_grad():
         lp_pair, ent_pair, v_pair = model(images, proprio, ids, mask, actions)
         for i, text in enumerate([long, short]):
-            one_ids, one_mask = InstructionCache(tokenizer).encode([text])
+            one_ids, one_mask = InstructionCache(tokenizer, model).encode([text])
             assert one_mask.all()
             lp, ent, v = model(images[i:i + 1], proprio[i:i + 1], one_ids, one_mask, actions[i:i + 1])
             torch.testing.assert_close(lp_pair[i:i + 1], lp, atol=1e-5, rtol=0)
@@ -160,8 +164,8 @@ def test_left_padding_matches_unpadded(built):
 def test_instruction_changes_the_output(built):
     model, tokenizer, _ = built
     images, proprio, _, _, actions = batch(tokenizer)
-    red = InstructionCache(tokenizer).encode(["move to the red block"] * 4)
-    blue = InstructionCache(tokenizer).encode(["move to the blue block"] * 4)
+    red = InstructionCache(tokenizer, model).encode(["move to the red block"] * 4)
+    blue = InstructionCache(tokenizer, model).encode(["move to the blue block"] * 4)
     with torch.no_grad():
         lp_red, _, _ = model(images, proprio, *red, actions)
         lp_blue, _, _ = model(images, proprio, *blue, actions)
@@ -182,7 +186,7 @@ def test_gradients_reach_every_trained_part():
 def test_save_load_round_trip(built, tmp_path):
     model, tokenizer, stats = built
     stats = type(stats)(q01=[-0.5] * 7, q99=[2.0] * 7, mask=[True] * 6 + [False])
-    save_model(tmp_path, model, tokenizer, stats)
+    save_model(tmp_path, Loaded(model, tokenizer, ActionTokenizer(model.vocab_size, stats), TinyToken()))
     for name in ("config.json", "model.safetensors", "action_stats.json", "tokenizer.json"):
         assert (tmp_path / name).is_file(), name
     loaded, loaded_tok, action_tok = load_model(tmp_path)
@@ -201,8 +205,8 @@ def test_save_load_round_trip(built, tmp_path):
 
 def test_load_bfloat16(built, tmp_path):
     model, tokenizer, stats = built
-    save_model(tmp_path, model, tokenizer, stats)
-    loaded, _, _ = load_model(tmp_path, dtype="bfloat16")
+    save_model(tmp_path, Loaded(model, tokenizer, ActionTokenizer(model.vocab_size, stats), TinyToken()))
+    loaded, _, _ = load_model(tmp_path, load_config(["model.dtype=bfloat16"]).model)
     assert loaded.dtype == torch.bfloat16
     with torch.no_grad():
         logprobs, _, values = loaded.eval()(*batch(tokenizer))

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM
+from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
 from vlarl.envs.toy import COLOURS, ToyEnv, ToySpec
 
 SPEC = ToySpec()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM
+from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
 
 
 class DatasetError(ValueError):

@@ -7,7 +7,7 @@ An environment holds `num_envs` episodes stepped together:
 `step` moves the episodes env_ids (all when None) and returns their rows, in env_ids order; actions
 have one row per id. `step_send` starts such a step and returns at once, `step_recv` waits for it, so
 the rollout worker generates actions for some environments while others step (pipeline stages).
-Observations are dicts: `image` uint8 (N, H, W, 3), `proprio` float32 (N, PROPRIO_DIM),
+Observations are dicts: `image` uint8 (N, H, W, 3), `proprio` float32 (N, PROPRIO_DIM (vlarl.data.spec)),
 `instruction` list[str] of length N; optional `wrist_image`; with `reset(..., record=k)` the first k
 episodes may add full-size camera frames as `frames` {env index: (H, W, 3)} for videos (keyed by env
 index, also in the rows of a partial step). Actions are float32 (N, ACTION_DIM)
@@ -23,8 +23,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-ACTION_DIM = 7  # xyz translation, xyz rotation, gripper (LIBERO's layout)
-PROPRIO_DIM = 8  # eef position (3), axis-angle (3), gripper joints (2)
 
 
 class StepResult(NamedTuple):
@@ -65,30 +63,3 @@ def held_out_episodes(num_tasks: int, num_init_states: int, num_held_out: int, s
     never measured on layouts the policy trained on."""
     k = np.arange(start, start + count)
     return (k % num_tasks).tolist(), (num_init_states + (k // num_tasks) % num_held_out).tolist()
-
-
-def make_env(env_cfg, num_envs: int, seed: int):
-    """Build the vectorised environment named by `env_cfg.name`."""
-    if env_cfg.name == "toy":
-        from vlarl.envs.toy import ToyEnv, ToySpec
-
-        spec = ToySpec(
-            num_colours=env_cfg.num_tasks, num_blocks=env_cfg.num_blocks, grid=env_cfg.grid,
-            image_size=env_cfg.image_size, max_steps=env_cfg.max_steps, max_move=env_cfg.max_move,
-            success_radius=env_cfg.success_radius, num_init_states=env_cfg.num_init_states,
-        )
-        if env_cfg.action_chunk == 1:
-            return ToyEnv(num_envs, spec, seed)
-        from vlarl.envs.chunk import ChunkedEnv
-
-        return ChunkedEnv(ToyEnv(num_envs, spec, seed), env_cfg.action_chunk)
-    from vlarl.envs.libero import LiberoEnv, LiberoSpec
-
-    spec = LiberoSpec(
-        suite=env_cfg.name, num_tasks=env_cfg.num_tasks, num_init_states=env_cfg.num_init_states,
-        max_steps=env_cfg.max_steps, action_chunk=env_cfg.action_chunk, camera_size=env_cfg.camera_size,
-        image_size=env_cfg.image_size, settle_steps=env_cfg.settle_steps, wrist_camera=env_cfg.wrist_camera,
-        invert_gripper=env_cfg.invert_gripper, step_timeout=env_cfg.step_timeout,
-        reset_timeout=env_cfg.reset_timeout, sim_cache=env_cfg.sim_cache, render=env_cfg.render,
-    )
-    return LiberoEnv(num_envs, spec, seed)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, StepResult, VecEnv
+from vlarl.data.spec import ACTION_DIM
+from vlarl.envs.base import StepResult, VecEnv
 
 
 class ChunkedEnv(VecEnv):

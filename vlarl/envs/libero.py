@@ -30,7 +30,8 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult, VecEnv
+from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
+from vlarl.envs.base import StepResult, VecEnv
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}  # the common evaluation protocol's limits

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlarl.envs.base import ACTION_DIM, PROPRIO_DIM, StepResult, VecEnv
+from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
+from vlarl.envs.base import StepResult, VecEnv
 
 COLOURS = {
     "red": (230, 40, 40),

@@ -21,25 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vlarl.data.video import write_video
 from vlarl.rewards import Episode, RewardProvider
 from vlarl.rewards.service import LABELS, is_loopback
 from vlarl.rewards.store import LabelError, LabelStore
 
 POLL_S = 0.2  # how often the trainer asks the service for new labels
-
-
-def write_video(frames: np.ndarray, path: Path) -> None:
-    """(L+1, H, W, 3) uint8 -> H.264 MP4, small images enlarged (nearest) as evaluation videos are.
-    Debian's Chromium plays H.264 (checked in tests/integration/test_human_feedback.py)."""
-    import imageio.v2 as imageio
-
-    from vlarl.eval import MIN_VIDEO_SIDE, VIDEO_FPS
-
-    scale = max(1, -(-MIN_VIDEO_SIDE // frames.shape[1]))
-    frames = frames.repeat(scale, 1).repeat(scale, 2) if scale > 1 else frames
-    tmp = path.with_name(f".tmp-{path.name}")
-    imageio.mimwrite(tmp, list(frames), fps=VIDEO_FPS, format="FFMPEG", codec="libx264", macro_block_size=16)
-    os.replace(tmp, path)
 
 
 class FeedbackService:

@@ -2,7 +2,7 @@
 
 Same interface as the token engine (`generate`, `demonstration`, `load_state_dict`); the per-step
 record it hands the rollout worker is the denoising chain and its SDE step index, which is what
-the learner needs to recompute the action's log-prob (vlarl/models/flow.py).
+the learner needs to recompute the action's log-prob (vlarl/models/tiny_flow/modeling.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlarl.rollout import sampling
+from vlarl.algo import sampling
 from vlarl.rollout.hf_engine import HFEngine
 
 
@@ -34,7 +34,7 @@ class FlowEngine(HFEngine):
                  generator: sampling.Generators = None) -> FlowActionOutput:
         """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> FlowActionOutput.
         `temperature` is unused: the sampler's noise is set by model.flow; greedy is the plain ODE.
-        With one generator per row, each row's noise comes from its own (vlarl/rollout/sampling.py)."""
+        With one generator per row, each row's noise comes from its own (vlarl/algo/sampling.py)."""
         chains, sde_steps, logprobs, x0 = self.model.sample(*self.model_inputs(obs), greedy=greedy, generator=generator)
         normalized = np.clip(x0.float().cpu().numpy(), -1, 1)
         return FlowActionOutput(chains.float().cpu().numpy(), sde_steps.cpu().numpy(),
@@ -52,9 +52,9 @@ class FlowEngine(HFEngine):
             self.action_tokenizer.unnormalize(normalized)
 
 
-def make_engine(model, tokenizer, action_tokenizer, device: str) -> HFEngine:
-    """The engine that fits the model: FlowEngine for a flow VLA, the token engine otherwise."""
-    from vlarl.models.flow import FlowVLA
+ENGINES = {"token": HFEngine, "flow": FlowEngine}  # the model's `action_kind` -> its PyTorch engine
 
-    cls = FlowEngine if isinstance(model, FlowVLA) else HFEngine
-    return cls(model, tokenizer, action_tokenizer, device)
+
+def make_engine(model, tokenizer, action_tokenizer, device: str) -> HFEngine:
+    """The PyTorch engine that fits the model's `action_kind`."""
+    return ENGINES[model.action_kind](model, tokenizer, action_tokenizer, device)

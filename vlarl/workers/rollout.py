@@ -21,8 +21,9 @@ import torch
 from omegaconf import OmegaConf
 
 from vlarl.data.batch import EvalEpisodes, TrajectoryBatch
-from vlarl.envs.base import ACTION_DIM, make_env
-from vlarl.models.factory import load_model
+from vlarl.data.spec import ACTION_DIM
+from vlarl.envs import make_env
+from vlarl.models.registry import load_model
 from vlarl.rollout.flow_engine import make_engine
 
 
@@ -32,7 +33,11 @@ class RolloutWorker:
         self.index = index
         torch.set_num_threads(self.cfg.cluster.torch_threads)
         device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
-        model, tokenizer, action_tokenizer = load_model(model_folder, self.cfg.model.dtype, self.cfg.model.flow)
+        loaded = load_model(model_folder, self.cfg.model)
+        model, tokenizer, action_tokenizer = loaded
+        # Per-benchmark image preprocessing the family asks for (e.g. OpenVLA's LIBERO resize), applied once
+        # per frame here so the engine, the stored batch and hence the learner all see the same pixels.
+        self.frame_transform = loaded.family.frame_transform(self.cfg.env.name, self.cfg.model)
         want = ACTION_DIM * self.cfg.env.action_chunk
         if model.config.action_dim != want:
             raise ValueError(f"the model emits {model.config.action_dim} action values per call but env.action_chunk="
@@ -141,6 +146,12 @@ class RolloutWorker:
 
         return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)[0]
 
+    def _observe(self, obs: dict) -> dict:
+        """The observation with the family's frame transform applied to its images (if any)."""
+        if self.frame_transform is None:
+            return obs
+        return {**obs, "image": self.frame_transform(obs["image"])}
+
     def _episodes(self, task_ids, init_state_ids, group_ids, policy, record: int = 0) -> tuple[TrajectoryBatch, dict]:
         """Run every environment to the end of one episode, stage by stage (module docstring). `policy`
         maps (observation rows, their env ids) to (record, logprobs, actions). Returns the batch and, for
@@ -150,7 +161,7 @@ class RolloutWorker:
         if len(task_ids) != n:
             raise ValueError(f"worker {self.index} runs {n} environments but was given {len(task_ids)} tasks.")
         restarts = getattr(env, "restarts", 0)
-        obs = env.reset(task_ids, init_state_ids, record=record)
+        obs = self._observe(env.reset(task_ids, init_state_ids, record=record))
         videos = {i: [_frame(obs, i, i)] for i in range(min(record, n))}
         horizon = env.max_steps
         images = np.zeros((n, horizon + 1, *obs["image"].shape[1:]), np.uint8)
@@ -184,6 +195,7 @@ class RolloutWorker:
                     continue
                 ids, step = stage[0], t[k]
                 res = env.step_recv(ids)
+                res = res._replace(obs=self._observe(res.obs))
                 ended = res.terminated | res.truncated
                 rewards[ids, step], mask[ids, step] = res.reward, True
                 dones[ids, step], terminated[ids, step] = ended, res.terminated

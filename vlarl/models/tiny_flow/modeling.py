@@ -35,8 +35,8 @@ from transformers import AutoConfig, AutoModel
 
 from vlarl.algo.flow import (floor_std, gaussian_entropy, gaussian_logprob, sde_mean, sde_sigma, squash_std,
                              step_times)
-from vlarl.models.token_vla import TokenVLA, TokenVLAConfig
-from vlarl.rollout import sampling
+from vlarl.models.tiny_token.modeling import TokenVLA, TokenVLAConfig
+from vlarl.algo import sampling
 
 METHODS = ("sde", "sde_all", "noise")
 
@@ -113,6 +113,7 @@ class FlowVLA(TokenVLA):
     """Same vision encoder, projector, decoder and value head as the token VLA, plus the expert."""
 
     config_class = FlowVLAConfig
+    action_kind = "flow"  # the rollout engine records denoising chains (vlarl/rollout/flow_engine.py)
     # FSDP2 wraps forward(); the learner registers these methods too so they see gathered weights.
     fsdp_forward_methods = ("flow_matching_loss",)
 
@@ -172,7 +173,7 @@ class FlowVLA(TokenVLA):
     def sample(self, images, proprio, input_ids, text_mask, greedy: bool = False,
                generator: sampling.Generators = None):
         """Denoise one chunk per observation. Noise comes from `generator` on the CPU (one per row, or
-        one for the batch: vlarl/rollout/sampling.py), so one seed gives the same draws on any device
+        one for the batch: vlarl/algo/sampling.py), so one seed gives the same draws on any device
         and a row's draws do not depend on its batch-mates. Greedy runs the plain ODE (evaluation).
         -> chains (B, K+1, A), sde_steps (B,) long (-1 when no single SDE step),
            logprobs (B, logprob_width) per element (zeros when greedy), x_0 (B, A)"""

@@ -13,13 +13,12 @@ padding and position ids count only real tokens, so padded and unpadded prefixes
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from vlarl.algo.losses import entropy_from_logits
 from vlarl.models.action_tokenizer import NUM_BINS
+from vlarl.models.token_scoring import score_action_tokens
 
 
 class TokenVLAConfig(PretrainedConfig):
@@ -39,6 +38,10 @@ class TokenVLA(PreTrainedModel):
     config_class = TokenVLAConfig
     base_model_prefix = "vla"
     main_input_name = "images"
+    # The policy interface (vlarl/models/family.py) besides prefix/forward/bin_logits:
+    action_kind = "token"  # what the rollout engine records per step: action token ids
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # decoder linears
+    lora_trainable = ("value_head", "projector", "proprio_proj")  # trained beside the adapters (small, from scratch)
 
     def __init__(self, config: TokenVLAConfig):
         super().__init__(config)
@@ -67,12 +70,26 @@ class TokenVLA(PreTrainedModel):
         return self.config.text_config["vocab_size"]
 
     @property
+    def image_size(self) -> int:
+        """Side of the square images the model was built for (datasets are resized to it)."""
+        return int(self.config.vision_config["image_size"])
+
+    @property
     def first_bin_id(self) -> int:
         return self.vocab_size - NUM_BINS
 
     @property
     def decoder(self) -> LlamaForCausalLM:
         return self.language_model
+
+    @staticmethod
+    def encode_instruction(tokenizer, instruction: str) -> list[int]:
+        """The instruction's token ids as `prefix` reads them: the words alone, no special tokens."""
+        return tokenizer(instruction, add_special_tokens=False)["input_ids"]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules FSDP shards one by one (each gathered only while it runs): the transformer layers."""
+        return [*self.vision.encoder.layers, *self.language_model.model.layers]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(ids)
@@ -100,7 +117,7 @@ class TokenVLA(PreTrainedModel):
 
     def bin_logits(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """Vocabulary logits (..., V) -> logits over the 256 action bins at `temperature` (..., 256)."""
-        return logits[..., self.first_bin_id:].float() / temperature
+        return logits[..., self.first_bin_id:self.first_bin_id + NUM_BINS].float() / temperature
 
     def forward(self, images, proprio, input_ids, text_mask, action_tokens, temperature: float = 1.0):
         """Teacher-forced scores of given action tokens, for the learner.
@@ -109,25 +126,7 @@ class TokenVLA(PreTrainedModel):
         returns logprobs (B, D), entropy (B, D), values (B,), all float32
         """
         embeds, mask, positions = self.prefix(images, proprio, input_ids, text_mask)
-        d = action_tokens.shape[1]
-        act = self.embed_tokens(action_tokens[:, :-1])  # the last action token predicts nothing
-        act_pos = positions[:, -1:] + torch.arange(1, d, device=positions.device)
-        out = self.language_model(
-            inputs_embeds=torch.cat([embeds, act], 1),
-            attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], d - 1)], 1),
-            position_ids=torch.cat([positions, act_pos], 1),
-            output_hidden_states=True,
-            logits_to_keep=d,  # positions L-1 .. L+D-2 predict action tokens 0 .. D-1
-        )
-        logits = self.bin_logits(out.logits, temperature)  # (B, D, 256)
-        logp_all = F.log_softmax(logits, -1)
-        bins = (action_tokens - self.first_bin_id).long()
-        logprobs = logp_all.gather(-1, bins[..., None])[..., 0]
-        entropy = entropy_from_logits(logits)
-        last_prefix = out.hidden_states[-1][:, embeds.shape[1] - 1]  # (B, E)
-        values = self.value_head(last_prefix)[:, 0].float()
-        # Fresh tensors, not views: FSDP2 hooks the outputs for backward and warns on views.
-        return logprobs.clone(), entropy, values.clone()
+        return score_action_tokens(self, embeds, mask, positions, action_tokens, temperature)
 
 
 # Exported folders (tools/merge_adapters.py) then load with AutoConfig / AutoModel.from_pretrained(folder)

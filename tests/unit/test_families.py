@@ -1,0 +1,171 @@
+"""One interface test suite, run over every model family (vlarl/models/family.py).
+
+Each family writes a tiny folder in its own layout; the same tests then load it through the registry
+(no family named), roll out with the PyTorch engine, score the rollout with the learner's forward,
+apply LoRA, and save and reload it. A new family adds one line to WRITERS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlarl.config import load_config
+from vlarl.data.spec import ACTION_DIM
+from vlarl.envs.toy import ToyEnv, ToySpec
+from vlarl.models.lora import apply_lora, merge_lora_state_dict
+from vlarl.models.registry import FAMILIES, build_tiny_model, family_of_folder, load_model, save_model
+from vlarl.models.tiny_flow.modeling import pack_chains
+from vlarl.rollout.flow_engine import ENGINES, make_engine
+
+torch.set_num_threads(1)
+
+
+def write_tiny(preset: str, image_size: int = 16):
+    def write(out: Path) -> Path:
+        cfg = load_config(["env=toy", f"model={preset}"])
+        save_model(out, build_tiny_model(cfg.model, image_size, ToyEnv(1).instructions(), seed=3))
+        return out
+    return write
+
+
+def write_openvla(out: Path) -> Path:
+    from vlarl.models.openvla.tiny import write_tiny_openvla
+
+    write_tiny_openvla(out, seed=3)
+    return out
+
+
+WRITERS = {"tiny_token": write_tiny("tiny_token"), "tiny_flow": write_tiny("tiny_flow"), "openvla": write_openvla}
+SETTINGS = {"openvla": ["model.unnorm_key=libero_spatial_no_noops"]}  # the tiny folder holds two datasets
+
+
+def test_every_family_is_tested():
+    assert set(WRITERS) == set(FAMILIES)
+
+
+def model_cfg(name: str):
+    return load_config(["env=toy", *SETTINGS.get(name, [])]).model
+
+
+@pytest.fixture(scope="module", params=sorted(WRITERS))
+def family_folder(request, tmp_path_factory):
+    name = request.param
+    return name, WRITERS[name](tmp_path_factory.mktemp(name) / "model")
+
+
+def observations(model, n: int, seed: int = 0) -> dict:
+    env = ToyEnv(n, ToySpec(image_size=model.image_size), seed)
+    return env.reset(np.arange(n) % env.num_tasks, np.arange(n) + 7 * seed)
+
+
+def scored_actions(out) -> torch.Tensor:
+    """What the learner scores for an engine output: token ids, or packed flow chains."""
+    record = out.record()
+    if "chains" in record:
+        return pack_chains(torch.from_numpy(record["chains"]), torch.from_numpy(record["sde_steps"]))
+    return torch.as_tensor(record["action_tokens"])
+
+
+def test_detects_its_own_folder_and_obeys_the_override(family_folder):
+    name, folder = family_folder
+    assert family_of_folder(folder).name == name
+    assert family_of_folder(folder, name).name == name
+
+
+def test_loaded_model_has_the_interface(family_folder):
+    name, folder = family_folder
+    model, tokenizer, action_tokenizer = load_model(folder, model_cfg(name))
+    assert model.action_kind in ENGINES
+    assert model.config.action_dim % ACTION_DIM == 0 and isinstance(model.image_size, int)
+    units = model.fsdp_units()
+    assert units and all(isinstance(u, torch.nn.Module) for u in units)
+    names = [n for n, _ in model.language_model.named_modules()]
+    for target in model.lora_targets:
+        assert any(n.endswith(target) for n in names), f"{name}: LoRA target {target} matches no decoder module"
+    ids = model.encode_instruction(tokenizer, "put the red block on the plate")
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert 0 <= model.first_bin_id and model.first_bin_id + 256 <= model.vocab_size
+
+
+def test_rollout_logprobs_match_the_learner_forward(family_folder):
+    name, folder = family_folder
+    model, tokenizer, action_tokenizer = load_model(folder, model_cfg(name))
+    engine = make_engine(model, tokenizer, action_tokenizer, "cpu")
+    obs = observations(model, 3)
+    out = engine.generate(obs, temperature=1.3, generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    assert out.actions.shape == (3, model.config.action_dim) and np.isfinite(out.actions).all()
+    with torch.no_grad():
+        logprobs = model(*engine.model_inputs(obs), scored_actions(out), temperature=1.3)[0]
+    np.testing.assert_allclose(logprobs.numpy(), out.logprobs, atol=1e-4, rtol=0)
+
+
+def test_padded_batch_scores_each_row_as_alone(family_folder):
+    name, folder = family_folder
+    model, tokenizer, action_tokenizer = load_model(folder, model_cfg(name))
+    engine = make_engine(model, tokenizer, action_tokenizer, "cpu")
+    obs = observations(model, 2)
+    obs["instruction"] = ["move to the red block", "red"]  # different lengths: row 1 is left-padded
+    out = engine.generate(obs, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        both = model(*engine.model_inputs(obs), scored_actions(out), temperature=1.0)
+        for i in range(2):
+            row = {k: v[i:i + 1] for k, v in obs.items()}
+            alone = model(*engine.model_inputs(row), scored_actions(out)[i:i + 1], temperature=1.0)
+            np.testing.assert_allclose(both[0][i:i + 1].numpy(), alone[0].numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(both[2][i:i + 1].numpy(), alone[2].numpy(), atol=1e-5, rtol=0)
+
+
+def test_save_and_reload_keep_weights_and_greedy_actions(family_folder, tmp_path):
+    name, folder = family_folder
+    loaded = load_model(folder, model_cfg(name))
+    engine = make_engine(*loaded, "cpu")
+    obs = observations(loaded.model, 2, seed=1)
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (a flow policy's ODE starts from noise)
+    before = engine.generate(obs, temperature=1.0, greedy=True, generator=seed())
+    save_model(tmp_path / "again", loaded)
+    again = load_model(tmp_path / "again", model_cfg(name))
+    assert again.family.name == name
+    a, b = loaded.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    after = make_engine(*again, "cpu").generate(obs, temperature=1.0, greedy=True, generator=seed())
+    np.testing.assert_array_equal(before.actions, after.actions)
+
+
+def test_lora_trains_adapters_and_merges_back_to_the_base_names(family_folder):
+    name, folder = family_folder
+    model = load_model(folder, model_cfg(name)).model
+    base_keys = set(model.state_dict())
+    model = apply_lora(model, rank=2, alpha=4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert all("lora_" in n or n.startswith(tuple(model.lora_trainable)) for n in trainable)
+    assert set(merge_lora_state_dict(model.state_dict(), 2.0)) == base_keys
+
+
+def test_a_folder_that_does_not_fit_the_run_stops_at_start_with_one_line(tmp_path):
+    from vlarl.config import ConfigError
+    from vlarl.preflight import load_run_config
+
+    folder = write_openvla(tmp_path / "openvla")
+    cases = {"model.unnorm_key": [],  # two datasets in norm_stats: which one?
+             "bridge_orig": ["model.unnorm_key=nonesuch"],  # names the ones there are
+             "rollout.engine=hf": ["model.unnorm_key=bridge_orig", "rollout.engine=vllm", "model.family=tiny_flow"]}
+    for words, extra in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_run_config(["env=toy", f"model.path={folder}", *extra])
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert load_run_config(["env=toy", f"model.path={folder}", "model.unnorm_key=bridge_orig"]).model.path
+
+
+def test_loading_twice_gives_the_same_weights(family_folder):
+    """Learner ranks and rollout workers each load the folder: anything created at load (e.g. a fresh
+    value head) must come out the same in every process."""
+    name, folder = family_folder
+    a, b = load_model(folder, model_cfg(name)).model.state_dict(), load_model(folder, model_cfg(name)).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
