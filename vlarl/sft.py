@@ -257,7 +257,7 @@ class Run:
     def summary(self) -> str:
         m, t, v = self.model, self.train, self.val
         params = sum(p.numel() for p in m.parameters())
-        return (f"vlarl sft: {params:,} parameters ({m.config.model_type}), {self.episodes[0]} train / "
+        return (f"vlarl sft: {params:,} parameters ({self.loaded.family.name}), {self.episodes[0]} train / "
                 f"{self.episodes[1]} val episodes ({len(t):,} / {len(v) if v else 0:,} steps), "
                 f"image {t.images.shape[1]} px, {self.chunk} action(s) per call, lr {self.lr:g}; writing {self.out}")
 
