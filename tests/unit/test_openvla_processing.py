@@ -72,3 +72,15 @@ def test_pixel_values_resize_like_pil_and_normalise_per_tower():
     dino = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     np.testing.assert_allclose(px[0, :3, 5, 7], dino, atol=1e-6)
     np.testing.assert_allclose(px[0, 3:, 5, 7], (x - 0.5) / 0.5, atol=1e-6)
+
+
+def test_family_frame_transform_is_the_benchmark_transform_on_libero_only():
+    from vlarl.config import load_config
+    from vlarl.models.openvla.family import OpenVLA
+
+    cfg = load_config(["model=openvla", "model.center_crop=true"]).model
+    frames = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    images = OpenVLA().frame_transform("libero_spatial", cfg)({"image": frames, "instruction": ["a", "b"]})
+    expected = np.stack([benchmark_image_transform("libero_spatial", True)(f) for f in frames])
+    assert images.shape == (2, 224, 224, 3) and np.array_equal(images, expected)
+    assert OpenVLA().frame_transform("toy", cfg) is None

@@ -13,7 +13,7 @@ Folder level (a `Family` object, found by `vlarl.models.registry`):
 | `load(folder, model_cfg)` | `Loaded(model, tokenizer, action_tokenizer)` | rollout worker, learner, sft, export |
 | `save(folder, loaded, state_dict)` | writes the folder in the family's own layout | trainer (tiny base), sft, export |
 | `export(folder, loaded, base, max_shard_size)` | the deployable folder | tools/merge_adapters.py |
-| `frame_transform(env_name, model_cfg)` | per-benchmark image transform, or None | rollout worker |
+| `frame_transform(env_name, model_cfg)` | obs -> the images the model reads (per-benchmark transform), or None | rollout worker |
 | `build_tiny(model_cfg, image_size, instructions, seed, chunk)` | a `Loaded` built from config | trainer, sft |
 | `supervised` | loss, default lr (`Supervised`) | sft |
 
@@ -87,9 +87,10 @@ class Family:
         """The deployable folder; by default the family's own layout."""
         self.save(folder, loaded)
 
-    def frame_transform(self, env_name: str, model_cfg) -> Callable[[np.ndarray], np.ndarray] | None:
-        """What the rollout worker applies to the environment's images (N, H, W, 3) uint8 before the
-        model and the batch see them (per-benchmark preprocessing, e.g. OpenVLA's LIBERO resize); None: nothing."""
+    def frame_transform(self, env_name: str, model_cfg) -> Callable[[dict], np.ndarray] | None:
+        """What the rollout worker makes of an observation batch's cameras before the model and the
+        batch see them: obs dict -> images (N, H, W', 3) uint8 (per-benchmark preprocessing such as
+        OpenVLA's LIBERO resize; a multi-camera family lays its cameras side by side). None: obs["image"]."""
         return None
 
     def build_tiny(self, model_cfg, image_size: int, instructions: list[str], seed: int, action_chunk: int) -> Loaded:

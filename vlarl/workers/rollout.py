@@ -147,10 +147,10 @@ class RolloutWorker:
         return self._episodes(task_ids, init_state_ids, list(range(len(task_ids))), policy)[0]
 
     def _observe(self, obs: dict) -> dict:
-        """The observation with the family's frame transform applied to its images (if any)."""
+        """The observation with its images made by the family's frame transform (if any)."""
         if self.frame_transform is None:
             return obs
-        return {**obs, "image": self.frame_transform(obs["image"])}
+        return {**obs, "image": self.frame_transform(obs)}
 
     def _episodes(self, task_ids, init_state_ids, group_ids, policy, record: int = 0) -> tuple[TrajectoryBatch, dict]:
         """Run every environment to the end of one episode, stage by stage (module docstring). `policy`

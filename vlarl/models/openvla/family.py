@@ -99,7 +99,7 @@ class OpenVLA(Family):
         if not env_name.startswith("libero"):
             return None
         one = benchmark_image_transform(env_name, model_cfg.center_crop)
-        return lambda images: np.stack([one(frame) for frame in images])
+        return lambda obs: np.stack([one(frame) for frame in obs["image"]])
 
     def save(self, folder: Path, loaded: Loaded, state_dict: dict | None = None) -> None:
         """The upstream layout, base files taken from the folder the model was loaded from."""
