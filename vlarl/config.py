@@ -87,7 +87,9 @@ class ModelConfig:
     policy: str = "token"  # tiny model built from config: token (action bins) | flow (pi0-style action expert)
     path: Optional[str] = None  # a model folder (vlarl's or a family's upstream layout); null builds the tiny model
     family: Optional[str] = None  # model family (vlarl/models/registry.py); null detects it from path's config.json
-    unnorm_key: Optional[str] = None  # OpenVLA: the norm_stats dataset that un-normalises actions (needed if several)
+    unnorm_key: Optional[str] = None  # dataset statistics that un-normalise actions (OpenVLA norm_stats, openpi assets/)
+    tokenizer_path: Optional[str] = None  # pi0: a folder with the PaliGemma tokenizer (LeRobot folders store none)
+    executed_steps: Optional[int] = None  # pi0: actions of the chunk executed per call (null: the folder's n_action_steps)
     train_vision: bool = False  # OpenVLA: train the vision towers too (frozen by default)
     center_crop: bool = False  # OpenVLA: 0.9-area centre crop, for checkpoints trained with crop augmentation
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes when building from config

@@ -14,7 +14,8 @@ from vlarl.algo.guards import clip_log_ratio, kl_to_reference
 from vlarl.config import load_config
 from vlarl.envs import make_env
 from vlarl.models.registry import build_tiny_model, load_model, save_model
-from vlarl.models.tiny_flow.modeling import FlowVLA, pack_chains, unpack_chains
+from vlarl.models.flow_policy import pack_chains, unpack_chains
+from vlarl.models.tiny_flow.modeling import FlowVLA
 
 B = 6
 

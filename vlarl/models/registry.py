@@ -12,10 +12,11 @@ from pathlib import Path
 
 from vlarl.models.family import Family, FamilyError, Loaded
 from vlarl.models.openvla.family import OpenVLA
+from vlarl.models.pi0.family import Pi0
 from vlarl.models.tiny_flow.family import TinyFlow
 from vlarl.models.tiny_token.family import TinyToken
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA(), Pi0())}
 
 
 def default_model_cfg():

@@ -36,7 +36,9 @@ class FlowEngine(HFEngine):
         `temperature` is unused: the sampler's noise is set by model.flow; greedy is the plain ODE.
         With one generator per row, each row's noise comes from its own (vlarl/algo/sampling.py)."""
         chains, sde_steps, logprobs, x0 = self.model.sample(*self.model_inputs(obs), greedy=greedy, generator=generator)
-        normalized = np.clip(x0.float().cpu().numpy(), -1, 1)
+        normalized = x0.float().cpu().numpy()
+        if self.model.bounded_actions:  # q01/q99-normalised policies; mean/std ones (pi0) are not bounded
+            normalized = np.clip(normalized, -1, 1)
         return FlowActionOutput(chains.float().cpu().numpy(), sde_steps.cpu().numpy(),
                                 logprobs.float().cpu().numpy(),
                                 self.action_tokenizer.unnormalize(normalized))

@@ -23,7 +23,7 @@ from vlarl.algo.losses import policy_loss, ratio_units, truncated_is_weights, va
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.models.lora import apply_lora, merge_lora_state_dict
 from vlarl.models.registry import load_model
-from vlarl.models.tiny_flow.modeling import pack_chains
+from vlarl.models.flow_policy import pack_chains
 from vlarl.rollout.hf_engine import InstructionCache
 from vlarl.rollout.weight_sync import (broadcast_buckets, decoder_weights, export_ipc, gpu_uuid, nccl_group,
                                        plan_buckets, prefix_weights, resolve_transport)

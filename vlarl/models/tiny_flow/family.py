@@ -12,7 +12,8 @@ import torch
 from vlarl.data.spec import ACTION_DIM
 from vlarl.models.action_tokenizer import ActionStats, ActionTokenizer
 from vlarl.models.family import Loaded, Supervised
-from vlarl.models.tiny_flow.modeling import FlowVLA, FlowVLAConfig, pack_chains
+from vlarl.models.flow_policy import pack_chains
+from vlarl.models.tiny_flow.modeling import FlowVLA, FlowVLAConfig
 from vlarl.models.tiny_token.family import (TinyToken, build_text_tokenizer, save_hf_folder, tiny_backbone,
                                             write_image_processor)
 

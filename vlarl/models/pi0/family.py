@@ -1,0 +1,131 @@
+"""The pi0 family (vlarl/models/family.py): LeRobot or openpi folders in, the same layout out.
+
+Settings read from `model`: dtype, flow (the run's sampler settings replace pi0's plain ODE, as for
+the tiny flow VLA), unnorm_key (openpi: which assets/<asset_id> statistics; needed if several),
+tokenizer_path (a folder with the PaliGemma tokenizer; else the id the folder names, from the local
+Hugging Face cache), executed_steps (actions executed per call; else LeRobot's n_action_steps, or the
+whole openpi chunk). vlarl's value head (and Flow-Noise head) live in value_head.safetensors beside
+the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vlarl.models.family import DTYPES, Family, FamilyError, Loaded, Supervised
+from vlarl.models.pi0.actions import Pi0Actions
+from vlarl.models.pi0.checkpoint import (
+    PI05_KEYS,
+    VALUE_HEAD,
+    WEIGHTS,
+    prefix_of,
+    read_weights,
+    side_files,
+    write_side_files,
+    write_weights,
+)
+from vlarl.models.pi0.config import Pi0Spec, layout_of, read_spec
+from vlarl.models.pi0.modeling import Pi0Policy, Pi0Settings
+from vlarl.models.tiny_flow.family import flow_matching, sampler_settings
+
+HEADS = ("value_head.", "noise_head.")
+
+
+def load_tokenizer(spec: Pi0Spec, model_cfg):
+    """model.tokenizer_path, else the tokenizer the folder names from the local Hugging Face cache."""
+    from transformers import AutoTokenizer
+
+    path = getattr(model_cfg, "tokenizer_path", None)
+    if path:
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(spec.tokenizer_name, local_files_only=True)
+    except (OSError, ValueError):
+        raise FamilyError(f"pi0 needs the {spec.tokenizer_name} tokenizer, which is not in the local Hugging Face "
+                          f"cache; download it there or set model.tokenizer_path=DIR to a folder holding it.") from None
+
+
+def _check_weights(folder: Path, spec: Pi0Spec) -> None:
+    path = folder / WEIGHTS
+    if not path.is_file():
+        raise FamilyError(f"{path} is missing; copy the whole pi0 folder.")
+    with safe_open(path, "pt") as f:
+        names = set(f.keys())
+    if {prefix_of(spec.layout) + k for k in PI05_KEYS} & names:
+        raise FamilyError(f"{folder} holds a pi0.5 model (time_mlp_* weights); the pi0 family reads pi0 only.")
+
+
+def load_pi0(folder: Path, model_cfg) -> Loaded:
+    spec = read_spec(folder, model_cfg)
+    _check_weights(folder, spec)
+    settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, **sampler_settings(model_cfg.flow))
+    model = Pi0Policy(spec, settings)
+    state, record = read_weights(folder, spec.layout)
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    missing = set(missing) - {"model.dit.embed_tokens.weight"}  # unused by the expert; upstream keeps it as lm_head
+    if missing or unexpected:
+        raise FamilyError(f"{folder / WEIGHTS} does not fit pi0 at the folder's sizes (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); the folder is damaged or not pi0.")
+    if "model.dit.embed_tokens.weight" not in state:
+        torch.nn.init.zeros_(model.backbone.model.dit.embed_tokens.weight)  # the same in every process
+    if (folder / VALUE_HEAD).is_file():
+        model.load_state_dict(load_file(folder / VALUE_HEAD), strict=False)
+    model.source_record, model.source_files = record, side_files(folder)
+    model.to(DTYPES[model_cfg.dtype])
+    return Loaded(model, load_tokenizer(spec, model_cfg), Pi0Actions(spec.stats, spec.executed_steps), Pi0())
+
+
+def save_pi0(folder: Path, model: Pi0Policy, state_dict: dict | None = None) -> None:
+    """The folder the model came from: its side files as read, the weights under their upstream names
+    and dtypes, vlarl's heads in value_head.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    write_side_files(folder, model.source_files)
+    write_weights(folder, {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
+                  model.source_record)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(HEADS)},
+              folder / VALUE_HEAD)
+
+
+def camera_strip(obs: dict, cameras: int) -> np.ndarray:
+    """obs["image"] (N, H, W, 3) [+ obs["wrist_image"]] -> (N, H, cameras * W, 3) uint8, side by side."""
+    frames = [obs["image"]]
+    if cameras > 1:
+        if "wrist_image" not in obs:
+            raise FamilyError("pi0 reads the wrist camera too; set env.wrist_camera=true.")
+        frames.append(obs["wrist_image"])
+    return np.ascontiguousarray(np.concatenate(frames, axis=2))
+
+
+class Pi0(Family):
+    name = "pi0"
+    serves_vllm = False  # its actions come from the action expert, in PyTorch
+    supervised = Supervised(flow_matching, 2.5e-5)  # LeRobot configuration_pi0.py optimizer_lr
+
+    def recognises(self, config: dict) -> bool:
+        return layout_of(config) is not None
+
+    def check(self, folder: Path, model_cfg) -> None:
+        spec = read_spec(folder, model_cfg)
+        _check_weights(Path(folder), spec)
+        load_tokenizer(spec, model_cfg)
+
+    def load(self, folder: Path, model_cfg) -> Loaded:
+        return load_pi0(Path(folder), model_cfg)
+
+    def save(self, folder: Path, loaded: Loaded, state_dict: dict | None = None) -> None:
+        save_pi0(folder, loaded.model, state_dict)
+
+    def frame_transform(self, env_name: str, model_cfg):
+        """LIBERO: agentview | wrist side by side (vlarl's LIBERO frames are already upright, as openpi's
+        example rotates them); the model resizes each camera to its image size. Other envs: None."""
+        if not env_name.startswith("libero"):
+            return None
+        cameras = read_spec(model_cfg.path, model_cfg).num_cameras if model_cfg.path else 2  # agentview + wrist
+        return lambda obs: camera_strip(obs, cameras)
