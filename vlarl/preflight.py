@@ -63,8 +63,12 @@ def check_model_folder(cfg: DictConfig) -> None:
             return
         family = family_of_folder(cfg.model.path, cfg.model.family)
         family.check(cfg.model.path, cfg.model)
+        per_call = family.actions_per_call(cfg.model.path, cfg.model)
     except FamilyError as e:
         raise ConfigError(str(e)) from None
+    if per_call != cfg.env.action_chunk:
+        raise ConfigError(f"{cfg.model.path} emits {per_call} action(s) per call but env.action_chunk="
+                          f"{cfg.env.action_chunk}; set env.action_chunk={per_call}.")
     if cfg.rollout.engine == "vllm" and not family.serves_vllm:
         raise ConfigError(f"rollout.engine=vllm serves token policies; {cfg.model.path} is a {family.name} model, "
                           "use rollout.engine=hf.")

@@ -174,6 +174,11 @@ def test_a_folder_that_does_not_fit_the_run_stops_at_start_with_one_line(tmp_pat
             load_run_config(["env=toy", f"model.path={folder}", *extra])
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert load_run_config(["env=toy", f"model.path={folder}", "model.unnorm_key=bridge_orig"]).model.path
+    pi0 = tmp_path / "pi0"
+    settings = write_pi0(pi0)  # executes 2 actions of its chunk per call
+    with pytest.raises(ConfigError, match="emits 2 action.*set env.action_chunk=2"):
+        load_run_config(["env=toy", f"model.path={pi0}", *settings])
+    assert load_run_config(["env=toy", "env.action_chunk=2", f"model.path={pi0}", *settings]).model.path
 
 
 def test_loading_twice_gives_the_same_weights(family_folder):

@@ -9,7 +9,7 @@ Folder level (a `Family` object, found by `vlarl.models.registry`):
 | method | returns | called by |
 |---|---|---|
 | `recognises(config)` | whether config.json (a dict) is this family's | registry (detection) |
-| `check(folder, model_cfg)` | raises FamilyError on a folder that does not fit the run | preflight |
+| `check(folder, model_cfg)`, `actions_per_call(...)` | FamilyError on a folder that does not fit the run; 7-D actions per call | preflight |
 | `load(folder, model_cfg)` | `Loaded(model, tokenizer, action_tokenizer)` | rollout worker, learner, sft, export |
 | `save(folder, loaded, state_dict)` | writes the folder in the family's own layout | trainer (tiny base), sft, export |
 | `export(folder, loaded, base, max_shard_size)` | the deployable folder | tools/merge_adapters.py |
@@ -76,6 +76,10 @@ class Family:
 
     def check(self, folder: Path, model_cfg) -> None:
         """Cheap checks of a folder against the run's model settings (FamilyError), before actors load it."""
+
+    def actions_per_call(self, folder: Path, model_cfg) -> int:
+        """7-D actions the folder's model emits per policy call (must equal env.action_chunk), read cheaply."""
+        return 1
 
     def load(self, folder: Path, model_cfg) -> Loaded:
         raise NotImplementedError

@@ -116,6 +116,9 @@ class Pi0(Family):
         _check_weights(Path(folder), spec)
         load_tokenizer(spec, model_cfg)
 
+    def actions_per_call(self, folder: Path, model_cfg) -> int:
+        return read_spec(folder, model_cfg).executed_steps
+
     def load(self, folder: Path, model_cfg) -> Loaded:
         return load_pi0(Path(folder), model_cfg)
 

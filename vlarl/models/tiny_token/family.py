@@ -10,6 +10,7 @@ folder (vLLM serves it with prompt_embeds = the VLA's prefix).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -95,6 +96,10 @@ class TinyToken(Family):
 
     def recognises(self, config: dict) -> bool:
         return config.get("model_type") == self.model_class.config_class.model_type
+
+    def actions_per_call(self, folder: Path, model_cfg) -> int:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return int(config.get("action_dim", ACTION_DIM)) // ACTION_DIM
 
     def load(self, folder: Path, model_cfg) -> Loaded:
         model, tokenizer, stats = load_hf_folder(folder, self.model_class, model_cfg.dtype)
