@@ -4,6 +4,7 @@ with Flow-SDE log-probs, and export back to the layout it came in. The folder is
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -62,3 +63,17 @@ def test_two_iterations_and_export_in_the_source_layout(ray_local, folders, tmp_
     for f in base.iterdir():  # config and normaliser statistics kept byte for byte
         if f.name not in ("model.safetensors", "value_head.safetensors"):
             assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libero") is None, reason="LIBERO: bash launch/setup.sh libero")
+def test_two_iterations_on_libero_with_agentview_and_wrist_cameras(ray_local, folders, tmp_path):
+    """Both LIBERO cameras reach the model side by side (the rollout worker's frame transform) and the
+    learner re-scores them from the stored batch: the log-probs agree."""
+    base, tokenizer = folders
+    run_dir = tmp_path / "run"
+    metrics = train(load_run_config([*SMALL, "env=libero_spatial", "env.wrist_camera=true", "env.camera_size=64",
+                                     "env.image_size=32", "env.max_steps=4", "rollout.num_envs=2",
+                                     "algo.minibatch_size=4", f"model.path={base}",
+                                     f"model.tokenizer_path={tokenizer}", f"trainer.run_dir={run_dir}"]))
+    assert len(rows(run_dir)) == 2 and np.isfinite(metrics["actor/pg_loss"])
+    assert metrics["rollout/logprob_abs_diff"] < 1e-4
