@@ -64,7 +64,7 @@ def load_pi0(folder: Path, model_cfg) -> Loaded:
     spec = read_spec(folder, model_cfg)
     _check_weights(folder, spec)
     settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, **sampler_settings(model_cfg.flow))
-    model = Pi0Policy(spec, settings)
+    model = Pi0Policy(spec, settings, init_weights=False)  # every backbone weight comes from the folder
     state, record = read_weights(folder, spec.layout)
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     missing = set(missing) - {"model.dit.embed_tokens.weight"}  # unused by the expert; upstream keeps it as lm_head

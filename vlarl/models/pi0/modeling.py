@@ -21,6 +21,7 @@ environment's one) are left out of the prefix, which is what pi0's masked empty 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PI0Config, PI0ForConditionalGeneration
 from transformers.cache_utils import DynamicCache
+from transformers.initialization import no_init_weights
 
 from vlarl.models.flow_policy import FlowPolicy
 from vlarl.models.pi0.config import GemmaSize, Pi0Spec
@@ -89,10 +91,13 @@ class Pi0Policy(FlowPolicy, nn.Module):
     lora_trainable = ("value_head", "noise_head", "backbone.embed_action_time", "backbone.action_out_proj",
                       "backbone.model.dit")
 
-    def __init__(self, spec: Pi0Spec, settings: Pi0Settings):
+    def __init__(self, spec: Pi0Spec, settings: Pi0Settings, init_weights: bool = True):
+        """init_weights=False skips the backbone's random initialisation (minutes for 3.3B parameters on a
+        CPU) when every backbone weight is about to be loaded from a checkpoint."""
         nn.Module.__init__(self)
         self.spec, self.config = spec, settings
-        self.backbone = PI0ForConditionalGeneration(transformers_config(spec))
+        with contextlib.nullcontext() if init_weights else no_init_weights():
+            self.backbone = PI0ForConditionalGeneration(transformers_config(spec))
         self.value_head = _seeded_head(spec.paligemma.width, 1, nn.Tanh())
         # Flow-Noise's learned std, per action value, from the expert's output features.
         self.noise_head = _seeded_head(spec.action_expert.width, spec.max_action_dim, nn.SiLU())
