@@ -1,6 +1,6 @@
-"""A pi0 checkpoint in LeRobot's layout through the whole loop: PPO (critic) and GRPO on the toy task
-with Flow-SDE log-probs, and export back to the layout it came in. The folder is the tiny random one
-(vlarl.models.pi0.tiny); LeRobot folders store no tokenizer, so the tiny one is passed by path."""
+"""pi0 and pi0.5 checkpoints in LeRobot's layout through the whole loop: PPO (critic) and GRPO on the toy
+task with Flow-SDE log-probs, and export back to the layout they came in. The folders are the tiny
+random ones (vlarl.models.pi0.tiny); LeRobot folders store no tokenizer, so the tiny one is passed by path."""
 
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ def dense_reward(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("pi0")
-    return write_tiny_pi0(root / "lerobot", "lerobot", seed=0), write_tiny_tokenizer(root / "tokenizer")
+@pytest.fixture(scope="module", params=["pi0", "pi05"])
+def folders(request, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp(request.param)
+    return (write_tiny_pi0(root / "lerobot", "lerobot", seed=0, kind=request.param),
+            write_tiny_tokenizer(root / "tokenizer"))
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -66,12 +67,14 @@ def test_two_iterations_and_export_in_the_source_layout(ray_local, folders, tmp_
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libero") is None, reason="LIBERO: bash launch/setup.sh libero")
-def test_two_iterations_on_libero_with_agentview_and_wrist_cameras(ray_local, folders, tmp_path):
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_two_iterations_on_libero_with_agentview_and_wrist_cameras(ray_local, folders, tmp_path, algo):
     """Both LIBERO cameras reach the model side by side (the rollout worker's frame transform) and the
     learner re-scores them from the stored batch: the log-probs agree."""
     base, tokenizer = folders
     run_dir = tmp_path / "run"
-    metrics = train(load_run_config([*SMALL, "env=libero_spatial", "env.wrist_camera=true", "env.camera_size=64",
+    extra = ["algo=grpo", "algo.group_size=2"] if algo == "grpo" else []
+    metrics = train(load_run_config([*SMALL, *extra, "env=libero_spatial", "env.wrist_camera=true", "env.camera_size=64",
                                      "env.image_size=32", "env.max_steps=4", "rollout.num_envs=2",
                                      "algo.minibatch_size=4", f"model.path={base}",
                                      f"model.tokenizer_path={tokenizer}", f"trainer.run_dir={run_dir}"]))

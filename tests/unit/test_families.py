@@ -47,8 +47,16 @@ def write_pi0(out: Path) -> list[str]:
     return [f"model.tokenizer_path={write_tiny_tokenizer(out.parent / 'tokenizer')}"]  # LeRobot folders hold none
 
 
+def write_pi05(out: Path) -> list[str]:
+    from vlarl.models.pi0.tiny import write_tiny_tokenizer
+    from vlarl.models.pi05.tiny import write_tiny_pi05
+
+    write_tiny_pi05(out, "lerobot", seed=3)
+    return [f"model.tokenizer_path={write_tiny_tokenizer(out.parent / 'tokenizer')}"]
+
+
 WRITERS = {"tiny_token": write_tiny("tiny_token"), "tiny_flow": write_tiny("tiny_flow"), "openvla": write_openvla,
-           "pi0": write_pi0}
+           "pi0": write_pi0, "pi05": write_pi05}
 SETTINGS: dict[str, list[str]] = {}  # family -> the settings its folder needs (filled by the fixture)
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from vlarl.models.family import FamilyError
 from vlarl.models.lora import apply_lora, merge_lora_state_dict
 from vlarl.models.pi0.family import Pi0
+from vlarl.models.pi05.family import Pi05
 from vlarl.models.pi0.tiny import write_tiny_pi0, write_tiny_tokenizer
 from vlarl.models.registry import default_model_cfg
 
@@ -35,8 +36,11 @@ def folders(tmp_path_factory):
 
 def test_recognises_both_layouts_and_nothing_else(tmp_path):
     for layout in ("lerobot", "openpi"):
-        folder = write_tiny_pi0(tmp_path / layout, layout)
-        assert Pi0().recognises(json.loads((folder / "config.json").read_text()))
+        for kind, family in (("pi0", Pi0()), ("pi05", Pi05())):
+            folder = write_tiny_pi0(tmp_path / kind / layout, layout, kind=kind)
+            config = json.loads((folder / "config.json").read_text())
+            other = Pi05() if kind == "pi0" else Pi0()
+            assert family.recognises(config, folder) and not other.recognises(config, folder), (kind, layout)
     assert not Pi0().recognises({"type": "pi05"})
     assert not Pi0().recognises({"model_type": "openvla"})
 
@@ -50,13 +54,18 @@ def test_missing_tokenizer_says_which_and_how_in_one_sentence(tmp_path):
     assert "\n" not in message
 
 
-def test_a_pi05_checkpoint_is_refused(folders, tmp_path):
+def test_a_checkpoint_of_the_other_kind_is_refused_with_the_family_to_set(folders, tmp_path):
     folder = write_tiny_pi0(tmp_path / "m", "lerobot")
     weights = load_file(folder / "model.safetensors")
     weights["model.time_mlp_in.weight"] = torch.zeros(2, 2)
     save_file(weights, folder / "model.safetensors")
-    with pytest.raises(FamilyError, match="pi0.5"):
+    with pytest.raises(FamilyError, match="holds a pi0.5 model.*model.family=pi05"):
         Pi0().check(folder, model_cfg(folders[1]))
+    pi05 = write_tiny_pi0(tmp_path / "pi05", "openpi", kind="pi05")
+    with pytest.raises(FamilyError, match="holds a pi0.5 model.*model.family=pi05"):
+        Pi0().check(pi05, model_cfg(folders[1]))
+    with pytest.raises(FamilyError, match="holds a pi0 model.*model.family=pi0 "):
+        Pi05().check(folders[0], model_cfg(folders[1]))
 
 
 def test_cameras_side_by_side_and_fewer_cameras(folders):

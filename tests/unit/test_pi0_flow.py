@@ -1,5 +1,6 @@
-"""pi0 under vlarl's RL samplers: log-probs recomputed by the learner's forward equal the rollout's,
-and flow matching on one-call demonstrations trains the executed elements only."""
+"""pi0 and pi0.5 under vlarl's RL samplers: log-probs recomputed by the learner's forward equal the rollout's,
+a transition's log-prob is the density of the transitions the sampler draws (Monte Carlo), and flow
+matching on one-call demonstrations trains the executed elements only."""
 
 from __future__ import annotations
 
@@ -7,21 +8,23 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.distributions import Normal
 
+from vlarl.algo import sampling
 from vlarl.models.flow_policy import pack_chains
-from vlarl.models.pi0.family import Pi0
 from vlarl.models.pi0.tiny import write_tiny_pi0, write_tiny_tokenizer
-from vlarl.models.registry import default_model_cfg
+from vlarl.models.registry import default_model_cfg, family_of_folder
 from vlarl.models.tiny_flow.family import flow_matching
 
 torch.set_num_threads(1)
 B = 3
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+@pytest.fixture(scope="module", params=["pi0", "pi05"])
+def folders(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("pi0flow")
-    return write_tiny_pi0(root / "model", "lerobot", seed=2, chunk_size=6), write_tiny_tokenizer(root / "tok")
+    return (write_tiny_pi0(root / "model", "lerobot", seed=2, chunk_size=6, kind=request.param),
+            write_tiny_tokenizer(root / "tok"))
 
 
 def load(folders, method: str):
@@ -29,7 +32,7 @@ def load(folders, method: str):
     OmegaConf.set_struct(cfg, False)
     cfg.tokenizer_path = str(folders[1])
     cfg.flow.method = method
-    return Pi0().load(folders[0], cfg)
+    return family_of_folder(folders[0]).load(folders[0], cfg)
 
 
 def inputs(model, tokenizer):
@@ -55,6 +58,32 @@ def test_forward_recomputes_the_sampled_logprobs(folders, method):
         recomputed, entropy, values, _ = model(*obs, pack_chains(chains, sde_steps))
     assert (recomputed - logprobs).abs().max() < 1e-4
     assert entropy.shape == recomputed.shape and values.shape == (B,)
+
+
+def test_transition_logprob_is_the_density_the_sampler_draws_from(folders, monkeypatch):
+    """N chains of one observation from one x_0 (the sampler's first draw pinned, every later draw
+    fresh): the first Flow-SDE transition's executed elements, fitted by their sample mean and std,
+    give the log-density the rollout recorded for them (within Monte-Carlo error, N = 2000)."""
+    model, tok, _ = load(folders, "sde_all")
+    model.eval()
+    n, width = 2000, model.config.action_dim
+    obs = tuple(x[:1].repeat(n, *[1] * (x.dim() - 1)) for x in inputs(model, tok))
+    x0, draws, real = torch.randn(1, model.flow_width, generator=torch.Generator().manual_seed(9)), [], sampling.randn
+
+    def pinned_first(generator, rows, cols):
+        draws.append(rows)
+        return x0.expand(rows, cols).clone() if len(draws) == 1 else real(generator, rows, cols)
+
+    monkeypatch.setattr(sampling, "randn", pinned_first)
+    chains, _, logprobs, _ = model.sample(*obs, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(chains[:, 0], x0.expand(n, -1))
+    x1 = model.executed(chains[:, 1])  # (N, executed elements) after the first transition
+    fitted = Normal(x1.mean(0), x1.std(0))
+    recorded = logprobs[:20, :width]  # step-major: the first step's elements
+    z = (x1[:20] - fitted.loc) / fitted.scale
+    mc_error = torch.sqrt(z**2 / n + (z**2 - 1) ** 2 / (2 * n))  # of the fitted log-density (delta method)
+    assert ((fitted.log_prob(x1[:20]) - recorded).abs() < 5 * mc_error + 1e-3).all()
+    assert recorded.std() > 0.3  # the points differ, so agreement is not one constant
 
 
 def test_flow_matching_on_one_call_demonstrations_trains_the_expert(folders):

@@ -1,5 +1,5 @@
 """pi0 against transformers' own PI0ForConditionalGeneration, across both upstream layouts, and
-through load -> save -> load."""
+pi0 and pi0.5 through load -> save -> load."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vlarl.models.pi0.family import Pi0
 from vlarl.models.pi0.tiny import write_tiny_pi0, write_tiny_tokenizer
-from vlarl.models.registry import default_model_cfg
+from vlarl.models.registry import default_model_cfg, family_of_folder
 
 torch.set_num_threads(1)
 B = 2
@@ -33,6 +33,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pi0")
     return {"lerobot": write_tiny_pi0(root / "lerobot", "lerobot", seed=1),
             "openpi": write_tiny_pi0(root / "openpi", "openpi", seed=1),
+            "pi05-lerobot": write_tiny_pi0(root / "pi05-lerobot", "lerobot", seed=1, kind="pi05"),
+            "pi05-openpi": write_tiny_pi0(root / "pi05-openpi", "openpi", seed=1, kind="pi05"),
             "tokenizer": write_tiny_tokenizer(root / "tokenizer")}
 
 
@@ -69,6 +71,7 @@ def test_prompt_pixels_and_state_follow_pi0(folders):
     st = model.spec.stats
     state = model.state(proprio)
     assert state.shape == (B, 32) and torch.all(state[:, 8:] == 0)
+    assert st.mode == "mean_std"
     expected = (proprio - torch.tensor(st.state_mean)) / (torch.tensor(st.state_std) + 1e-8)
     assert torch.allclose(state[:, :8], expected)
 
@@ -108,12 +111,14 @@ def test_lerobot_and_openpi_folders_give_the_same_actions(folders):
     np.testing.assert_allclose(out["lerobot"], out["openpi"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["lerobot", "openpi"])
+@pytest.mark.parametrize("layout", ["lerobot", "openpi", "pi05-lerobot", "pi05-openpi"])
 def test_load_save_load_reproduces_the_folder(folders, layout, tmp_path):
     src = folders[layout]
     cfg = model_cfg(folders["tokenizer"])
-    loaded = Pi0().load(src, cfg)
-    Pi0().save(tmp_path / "again", loaded)
+    family = family_of_folder(src)
+    assert family.name == ("pi05" if layout.startswith("pi05") else "pi0")
+    loaded = family.load(src, cfg)
+    family.save(tmp_path / "again", loaded)
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys()
     for k in before:
@@ -123,6 +128,6 @@ def test_load_save_load_reproduces_the_folder(folders, layout, tmp_path):
     old, new = files(src), files(tmp_path / "again")
     assert set(new) == set(old) | {"value_head.safetensors"}
     assert all(new[k] == old[k] for k in old if k != "model.safetensors")
-    again = Pi0().load(tmp_path / "again", cfg)
+    again = family.load(tmp_path / "again", cfg)
     a, b = loaded.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

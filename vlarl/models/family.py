@@ -8,7 +8,7 @@ Folder level (a `Family` object, found by `vlarl.models.registry`):
 
 | method | returns | called by |
 |---|---|---|
-| `recognises(config)` | whether config.json (a dict) is this family's | registry (detection) |
+| `recognises(config, folder)` | whether config.json (a dict; the folder where it does not say) is this family's | registry (detection) |
 | `check(folder, model_cfg)`, `actions_per_call(...)` | FamilyError on a folder that does not fit the run; 7-D actions per call | preflight |
 | `load(folder, model_cfg)` | `Loaded(model, tokenizer, action_tokenizer)` | rollout worker, learner, sft, export |
 | `save(folder, loaded, state_dict)` | writes the folder in the family's own layout | trainer (tiny base), sft, export |
@@ -71,7 +71,8 @@ class Family:
     serves_vllm = True  # whether rollout.engine=vllm can serve it (its actions are decoder tokens)
     builds_tiny = False  # whether `build_tiny` makes a model from config alone (model.path=null)
 
-    def recognises(self, config: dict) -> bool:
+    def recognises(self, config: dict, folder: Path | None = None) -> bool:
+        """Whether config.json (and, where the config does not say, the folder's files) is this family's."""
         raise NotImplementedError
 
     def check(self, folder: Path, model_cfg) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 from vlarl.models.family import Family, FamilyError, Loaded
 from vlarl.models.openvla.family import OpenVLA
 from vlarl.models.pi0.family import Pi0
+from vlarl.models.pi05.family import Pi05
 from vlarl.models.tiny_flow.family import TinyFlow
 from vlarl.models.tiny_token.family import TinyToken
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA(), Pi0())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA(), Pi0(), Pi05())}
 
 
 def default_model_cfg():
@@ -49,7 +50,7 @@ def family_of_folder(folder: str | Path, override: str | None = None) -> Family:
     config = read_folder_config(folder)
     if override:
         return family_named(override)
-    found = [f for f in FAMILIES.values() if f.recognises(config)]
+    found = [f for f in FAMILIES.values() if f.recognises(config, Path(folder))]
     if not found:
         what = config.get("model_type") or config.get("type") or config.get("architectures")
         raise FamilyError(f"{folder} holds a {what!r} model, which no family recognises; set model.family to one of "

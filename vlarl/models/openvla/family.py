@@ -73,7 +73,7 @@ class OpenVLA(Family):
     name = "openvla"
     supervised = Supervised(token_nll, 5e-4)  # upstream's LoRA fine-tuning learning rate (vla-scripts/finetune.py)
 
-    def recognises(self, config: dict) -> bool:
+    def recognises(self, config: dict, folder: Path | None = None) -> bool:
         architectures = config.get("architectures") or []
         return config.get("model_type") == "openvla" or "OpenVLAForActionPrediction" in architectures
 

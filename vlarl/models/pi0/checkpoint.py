@@ -22,38 +22,43 @@ WEIGHTS = "model.safetensors"
 VALUE_HEAD = "value_head.safetensors"  # vlarl's value head (and Flow-Noise head), never among the weights
 PI05_KEYS = ("time_mlp_in.weight", "time_mlp_out.weight")
 
-# (upstream pattern, transformers replacement), first match wins; applied to names without `model.`.
-RULES = [
+# (upstream pattern, vlarl backbone name), first match wins; applied to names without `model.`.
+SHARED_RULES = [
     (r"^paligemma_with_expert\.paligemma\.model\.vision_tower\.vision_model\.", "model.vlm.vision_tower."),
     (r"^paligemma_with_expert\.paligemma\.model\.", "model.vlm."),
     (r"^paligemma_with_expert\.paligemma\.lm_head\.weight$", "model.vlm.language_model.embed_tokens.weight"),
     (r"^paligemma_with_expert\.gemma_expert\.model\.", "model.dit."),
     (r"^paligemma_with_expert\.gemma_expert\.lm_head\.weight$", "model.dit.embed_tokens.weight"),
-    (r"^(state_proj|action_in_proj|action_time_mlp_in|action_time_mlp_out)\.", r"embed_action_time.\1."),
     (r"^action_out_proj\.", "action_out_proj."),
 ]
+RULES = {  # pi0: transformers' PI0ForConditionalGeneration; pi0.5: vlarl/models/pi05/modeling.py Pi05Backbone
+    "pi0": [*SHARED_RULES,
+            (r"^(state_proj|action_in_proj|action_time_mlp_in|action_time_mlp_out)\.", r"embed_action_time.\1.")],
+    "pi05": [*SHARED_RULES, (r"^(action_in_proj|time_mlp_in|time_mlp_out)\.", r"\1.")],
+}
 
 
 def prefix_of(layout: str) -> str:
     return "model." if layout == "lerobot" else ""
 
 
-def to_transformers(name: str, layout: str) -> str:
-    """One upstream key -> the transformers PI0ForConditionalGeneration key (KeyError when unknown)."""
+def to_transformers(name: str, layout: str, kind: str = "pi0") -> str:
+    """One upstream key -> the backbone key (KeyError when unknown)."""
     prefix = prefix_of(layout)
     bare = name[len(prefix):] if prefix and name.startswith(prefix) else name
-    for pattern, repl in RULES:
+    for pattern, repl in RULES[kind]:
         if re.match(pattern, bare):
             return re.sub(pattern, repl, bare)
     raise KeyError(name)
 
 
-def read_weights(folder: Path, layout: str) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, torch.dtype]]]:
+def read_weights(folder: Path, layout: str, kind: str = "pi0") -> tuple[dict[str, torch.Tensor],
+                                                                        list[tuple[str, str, torch.dtype]]]:
     """-> transformers-named state (aliases collapse onto one tensor), source record [(upstream, transformers, dtype)]."""
     raw = load_file(Path(folder) / WEIGHTS)
     state, record = {}, []
     for name, tensor in raw.items():
-        target = to_transformers(name, layout)
+        target = to_transformers(name, layout, kind)
         record.append((name, target, tensor.dtype))
         # Both copies of a tied pair may be stored; the embedding (not lm_head) wins when they differ.
         if target not in state or ".lm_head." not in name:

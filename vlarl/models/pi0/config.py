@@ -11,6 +11,9 @@ Two layouts hold the same tensors:
   action_horizon, paligemma_variant, action_expert_variant, precision}`, `model.safetensors` without
   the `model.` prefix, statistics in `assets/<asset_id>/norm_stats.json` (`{"norm_stats": {"state":
   {mean, std, q01, q99}, "actions": {...}}}`).
+pi0.5 folders (`"type": "pi05"`, LeRobot src/lerobot/policies/pi05/; openpi's export of a pi05 config)
+have the same layouts; openpi's config.json does not say which model it holds, the weights do
+(`time_mlp_in`). pi0.5 normalises by quantiles (q01/q99) where pi0 uses mean/std.
 Tiny test folders (vlarl/models/pi0/tiny.py) add `arch.json` with explicit sizes, which wins.
 """
 
@@ -52,23 +55,39 @@ class VisionSize:
 VARIANTS = {"gemma_2b": GemmaSize(2048, 18, 16384, 8, 1, 256), "gemma_300m": GemmaSize(1024, 18, 4096, 8, 1, 256)}
 SO400M = VisionSize(1152, 4304, 27, 16, 14)  # SigLIP so400m/14 (PaliGemma's vision tower)
 PALIGEMMA_VOCAB = 257152
+TOKENIZER_MAX_LENGTH = {"pi0": 48, "pi05": 200}  # LeRobot configuration_pi0/pi05.py (openpi max_token_len)
 
 
 @dataclass
 class Pi0Stats:
-    """Mean/std normalisation of state and actions (pi0's MEAN_STD mode, both layouts)."""
+    """State and action normalisation, per dimension. "mean_std" (pi0): x_n = (x - mean) / (std + norm_eps),
+    x = x_n * (std + unnorm_eps) + mean (LeRobot 1e-8 / 0; openpi 1e-6 / 1e-6). "quantiles" (pi0.5):
+    x_n = 2 (x - q01) / d - 1, x = (x_n + 1) d / 2 + q01 with d = q99 - q01 + unnorm_eps (LeRobot 0, a
+    zero span taken as 1e-8; openpi 1e-6). Both are affine: `affine` gives (offset, scale) per use."""
 
-    state_mean: list[float]  # (S,)
-    state_std: list[float]  # (S,)
-    action_mean: list[float]  # (D,)
-    action_std: list[float]  # (D,)
-    norm_eps: float  # x_n = (x - mean) / (std + norm_eps)
-    unnorm_eps: float  # x = x_n * (std + unnorm_eps) + mean (LeRobot 1e-8 / 0; openpi 1e-6 / 1e-6)
+    state_mean: list[float]  # (S,) (quantiles: q01)
+    state_std: list[float]  # (S,) (quantiles: q99)
+    action_mean: list[float]  # (D,) (quantiles: q01)
+    action_std: list[float]  # (D,) (quantiles: q99)
+    norm_eps: float
+    unnorm_eps: float
+    mode: str = "mean_std"
+
+    def affine(self, what: str, unnormalise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """what "state" | "action" -> (offset, scale): x_n = (x - offset) / scale, x = x_n * scale + offset."""
+        a = np.asarray(getattr(self, f"{what}_mean"), np.float32)
+        b = np.asarray(getattr(self, f"{what}_std"), np.float32)
+        if self.mode == "mean_std":
+            return a, b + np.float32(self.unnorm_eps if unnormalise else self.norm_eps)
+        span = b - a + np.float32(self.unnorm_eps)
+        span = np.where(span == 0, np.float32(1e-8), span)
+        return a + span / 2, span / 2
 
 
 @dataclass
 class Pi0Spec:
     layout: str  # "lerobot" | "openpi"
+    kind: str  # "pi0" | "pi05"
     vocab_size: int
     paligemma: GemmaSize
     action_expert: GemmaSize
@@ -96,12 +115,29 @@ class Pi0Spec:
 
 
 def layout_of(config: dict) -> str | None:
-    """"lerobot", "openpi" or None (not a pi0 folder) from config.json."""
-    if config.get("type") == "pi0":
+    """"lerobot", "openpi" or None (neither a pi0 nor a pi0.5 folder) from config.json."""
+    if config.get("type") in ("pi0", "pi05"):
         return "lerobot"
     if "type" not in config and "model_type" not in config and {"action_horizon", "paligemma_variant"} <= config.keys():
         return "openpi"
     return None
+
+
+def kind_of(folder: str | Path | None, config: dict) -> str | None:
+    """"pi0", "pi05" or None: LeRobot's config names it; openpi's export does not, its weights do
+    (pi0.5 has time_mlp_* where pi0 has state_proj and action_time_mlp_*)."""
+    layout = layout_of(config)
+    if layout == "lerobot":
+        return config["type"]
+    if layout is None:
+        return None
+    path = Path(folder or ".") / "model.safetensors"
+    if folder is None or not path.is_file():
+        return "pi0"  # check() then names the missing weights
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as f:
+        return "pi05" if "time_mlp_in.weight" in set(f.keys()) else "pi0"
 
 
 def _json(path: Path) -> dict:
@@ -133,16 +169,23 @@ def _tokenizer_step(folder: Path) -> dict:
                  if s.get("registry_name") == "tokenizer_processor"), {})
 
 
-def _lerobot_stats(folder: Path, config: dict) -> Pi0Stats:
+MODES = {"MEAN_STD": ("mean_std", "mean", "std"), "QUANTILES": ("quantiles", "q01", "q99")}
+
+
+def _lerobot_stats(folder: Path, config: dict, kind: str) -> Pi0Stats:
     state = _step_state(folder, "policy_preprocessor", "normalizer_processor")
-    modes = config.get("normalization_mapping", {})
-    if modes.get("ACTION", "MEAN_STD") != "MEAN_STD" or modes.get("STATE", "MEAN_STD") != "MEAN_STD":
-        raise FamilyError(f"{folder}/config.json normalises with {modes}; vlarl's pi0 reads MEAN_STD statistics only.")
+    default = "QUANTILES" if kind == "pi05" else "MEAN_STD"
+    modes = {k: config.get("normalization_mapping", {}).get(k, default) for k in ("STATE", "ACTION")}
+    if len(set(modes.values())) > 1 or modes["STATE"] not in MODES:
+        raise FamilyError(f"{folder}/config.json normalises with {modes}; vlarl reads MEAN_STD or QUANTILES, the same "
+                          "for state and action.")
+    mode, lo, hi = MODES[modes["STATE"]]
     try:
-        return Pi0Stats(state["observation.state.mean"].tolist(), state["observation.state.std"].tolist(),
-                        state["action.mean"].tolist(), state["action.std"].tolist(), 1e-8, 0.0)
+        return Pi0Stats(state[f"observation.state.{lo}"].tolist(), state[f"observation.state.{hi}"].tolist(),
+                        state[f"action.{lo}"].tolist(), state[f"action.{hi}"].tolist(),
+                        1e-8 if mode == "mean_std" else 0.0, 0.0, mode)
     except KeyError as e:
-        raise FamilyError(f"{folder}: the normalizer statistics lack {e}; the folder is not a pi0 fine-tune.") from None
+        raise FamilyError(f"{folder}: the normalizer statistics lack {e}; the folder is not a {kind} fine-tune.") from None
 
 
 def asset_ids(folder: Path) -> list[str]:
@@ -151,7 +194,7 @@ def asset_ids(folder: Path) -> list[str]:
     return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("norm_stats.json"))
 
 
-def _openpi_stats(folder: Path, asset_id: str | None) -> Pi0Stats:
+def _openpi_stats(folder: Path, asset_id: str | None, kind: str) -> Pi0Stats:
     ids = asset_ids(folder)
     if not ids:
         raise FamilyError(f"{folder}/assets/<asset_id>/norm_stats.json is missing; copy the checkpoint's assets folder.")
@@ -161,8 +204,9 @@ def _openpi_stats(folder: Path, asset_id: str | None) -> Pi0Stats:
     if asset_id not in ids:
         raise FamilyError(f"{folder} has no statistics {asset_id!r}; set model.unnorm_key to one of {', '.join(ids)}.")
     stats = _json(folder / "assets" / asset_id / "norm_stats.json")["norm_stats"]
-    return Pi0Stats(stats["state"]["mean"], stats["state"]["std"], stats["actions"]["mean"], stats["actions"]["std"],
-                    1e-6, 1e-6)  # openpi transforms.py Normalize / Unnormalize
+    # openpi transforms.py Normalize / Unnormalize; pi0.5 configs normalise by quantiles (use_quantile_norm).
+    mode, lo, hi = MODES["QUANTILES" if kind == "pi05" else "MEAN_STD"]
+    return Pi0Stats(stats["state"][lo], stats["state"][hi], stats["actions"][lo], stats["actions"][hi], 1e-6, 1e-6, mode)
 
 
 def _cameras(config: dict) -> int:
@@ -173,12 +217,14 @@ def _cameras(config: dict) -> int:
 def read_spec(folder: str | Path, model_cfg=None) -> Pi0Spec:
     folder = Path(folder)
     config = _json(folder / "config.json")
-    layout = layout_of(config)
+    layout, kind = layout_of(config), kind_of(folder, config)
     if layout is None:
-        raise FamilyError(f"{folder}/config.json is not a pi0 config (neither LeRobot's type=pi0 nor openpi's export).")
+        raise FamilyError(f"{folder}/config.json is not a pi0 or pi0.5 config (neither LeRobot's type=pi0|pi05 nor "
+                          "openpi's export).")
     arch = _json(folder / ARCH_FILE) if (folder / ARCH_FILE).is_file() else {}
+    max_tokens = TOKENIZER_MAX_LENGTH[kind]
     if layout == "lerobot":
-        stats = _lerobot_stats(folder, config)
+        stats = _lerobot_stats(folder, config, kind)
         resolution = config.get("image_resolution", [224, 224])
         tok = _tokenizer_step(folder)
         chunk, executed = config.get("chunk_size", 50), config.get("n_action_steps", 50)
@@ -186,14 +232,14 @@ def read_spec(folder: str | Path, model_cfg=None) -> Pi0Spec:
                     num_inference_steps=config.get("num_inference_steps", 10), min_period=config.get("min_period", 4e-3),
                     max_period=config.get("max_period", 4.0), image_size=int(resolution[0]),
                     num_cameras=_cameras(config), tokenizer_name=tok.get("tokenizer_name", DEFAULT_TOKENIZER),
-                    tokenizer_max_length=tok.get("max_length", config.get("tokenizer_max_length", 48)))
+                    tokenizer_max_length=tok.get("max_length", config.get("tokenizer_max_length", max_tokens)))
     else:
-        stats = _openpi_stats(folder, getattr(model_cfg, "unnorm_key", None))
+        stats = _openpi_stats(folder, getattr(model_cfg, "unnorm_key", None), kind)
         chunk = executed = config["action_horizon"]
         spec = dict(max_state_dim=config.get("action_dim", 32), max_action_dim=config.get("action_dim", 32),
                     num_inference_steps=10, min_period=4e-3, max_period=4.0, image_size=arch.get("image_size", 224),
                     num_cameras=arch.get("num_cameras", 2),  # LIBERO: base + left wrist (the right wrist is masked)
-                    tokenizer_name=DEFAULT_TOKENIZER, tokenizer_max_length=48)
+                    tokenizer_name=DEFAULT_TOKENIZER, tokenizer_max_length=max_tokens)
     executed = getattr(model_cfg, "executed_steps", None) or executed
     if not 0 < executed <= chunk:
         raise FamilyError(f"pi0 executes {executed} of its {chunk}-action chunk; choose between 1 and {chunk}.")
@@ -203,7 +249,7 @@ def read_spec(folder: str | Path, model_cfg=None) -> Pi0Spec:
     else:
         sizes = dict(vocab_size=PALIGEMMA_VOCAB, paligemma=_variant(config.get("paligemma_variant", "gemma_2b")),
                      action_expert=_variant(config.get("action_expert_variant", "gemma_300m")), vision=SO400M)
-    return Pi0Spec(layout=layout, chunk_size=chunk, executed_steps=executed, stats=stats, **sizes, **spec)
+    return Pi0Spec(layout=layout, kind=kind, chunk_size=chunk, executed_steps=executed, stats=stats, **sizes, **spec)
 
 
 def arch_dict(spec: Pi0Spec) -> dict:

@@ -29,7 +29,7 @@ from vlarl.models.pi0.checkpoint import (
     write_side_files,
     write_weights,
 )
-from vlarl.models.pi0.config import Pi0Spec, layout_of, read_spec
+from vlarl.models.pi0.config import Pi0Spec, kind_of, read_spec
 from vlarl.models.pi0.modeling import Pi0Policy, Pi0Settings
 from vlarl.models.tiny_flow.family import flow_matching, sampler_settings
 
@@ -38,6 +38,7 @@ HEADS = ("value_head.", "noise_head.")
 
 def load_tokenizer(spec: Pi0Spec, model_cfg):
     """model.tokenizer_path, else the tokenizer the folder names from the local Hugging Face cache."""
+    what = NAMES[spec.kind]
     from transformers import AutoTokenizer
 
     path = getattr(model_cfg, "tokenizer_path", None)
@@ -46,38 +47,45 @@ def load_tokenizer(spec: Pi0Spec, model_cfg):
     try:
         return AutoTokenizer.from_pretrained(spec.tokenizer_name, local_files_only=True)
     except (OSError, ValueError):
-        raise FamilyError(f"pi0 needs the {spec.tokenizer_name} tokenizer, which is not in the local Hugging Face "
+        raise FamilyError(f"{what} needs the {spec.tokenizer_name} tokenizer, which is not in the local Hugging Face "
                           f"cache; download it there or set model.tokenizer_path=DIR to a folder holding it.") from None
 
 
-def _check_weights(folder: Path, spec: Pi0Spec) -> None:
+def _check_weights(folder: Path, spec: Pi0Spec, kind: str) -> None:
     path = folder / WEIGHTS
     if not path.is_file():
-        raise FamilyError(f"{path} is missing; copy the whole pi0 folder.")
+        raise FamilyError(f"{path} is missing; copy the whole {kind} folder.")
     with safe_open(path, "pt") as f:
         names = set(f.keys())
-    if {prefix_of(spec.layout) + k for k in PI05_KEYS} & names:
-        raise FamilyError(f"{folder} holds a pi0.5 model (time_mlp_* weights); the pi0 family reads pi0 only.")
+    found = "pi05" if {prefix_of(spec.layout) + k for k in PI05_KEYS} & names else "pi0"
+    if found != kind:
+        raise FamilyError(f"{folder} holds a {NAMES[found]} model, not {NAMES[kind]}; set model.family={found} "
+                          "(or leave model.family unset to detect it).")
 
 
-def load_pi0(folder: Path, model_cfg) -> Loaded:
+NAMES = {"pi0": "pi0", "pi05": "pi0.5"}
+
+
+def load_pi0(folder: Path, model_cfg, family: "Pi0") -> Loaded:
     spec = read_spec(folder, model_cfg)
-    _check_weights(folder, spec)
+    _check_weights(folder, spec, family.name)
     settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, **sampler_settings(model_cfg.flow))
-    model = Pi0Policy(spec, settings, init_weights=False)  # every backbone weight comes from the folder
-    state, record = read_weights(folder, spec.layout)
+    tokenizer = load_tokenizer(spec, model_cfg)
+    model = family.policy(spec, settings, init_weights=False, **family.policy_args(tokenizer))  # weights follow
+    state, record = read_weights(folder, spec.layout, spec.kind)
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     missing = set(missing) - {"model.dit.embed_tokens.weight"}  # unused by the expert; upstream keeps it as lm_head
     if missing or unexpected:
-        raise FamilyError(f"{folder / WEIGHTS} does not fit pi0 at the folder's sizes (missing {sorted(missing)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}); the folder is damaged or not pi0.")
+        raise FamilyError(f"{folder / WEIGHTS} does not fit {NAMES[family.name]} at the folder's sizes "
+                          f"(missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); the folder is damaged or not {NAMES[family.name]}.")
     if "model.dit.embed_tokens.weight" not in state:
         torch.nn.init.zeros_(model.backbone.model.dit.embed_tokens.weight)  # the same in every process
     if (folder / VALUE_HEAD).is_file():
         model.load_state_dict(load_file(folder / VALUE_HEAD), strict=False)
     model.source_record, model.source_files = record, side_files(folder)
     model.to(DTYPES[model_cfg.dtype])
-    return Loaded(model, load_tokenizer(spec, model_cfg), Pi0Actions(spec.stats, spec.executed_steps), Pi0())
+    return Loaded(model, tokenizer, Pi0Actions(spec.stats, spec.executed_steps), family)
 
 
 def save_pi0(folder: Path, model: Pi0Policy, state_dict: dict | None = None) -> None:
@@ -98,29 +106,33 @@ def camera_strip(obs: dict, cameras: int) -> np.ndarray:
     frames = [obs["image"]]
     if cameras > 1:
         if "wrist_image" not in obs:
-            raise FamilyError("pi0 reads the wrist camera too; set env.wrist_camera=true.")
+            raise FamilyError("This checkpoint reads the wrist camera too; set env.wrist_camera=true.")
         frames.append(obs["wrist_image"])
     return np.ascontiguousarray(np.concatenate(frames, axis=2))
 
 
 class Pi0(Family):
     name = "pi0"
+    policy = Pi0Policy
     serves_vllm = False  # its actions come from the action expert, in PyTorch
     supervised = Supervised(flow_matching, 2.5e-5)  # LeRobot configuration_pi0.py optimizer_lr
 
-    def recognises(self, config: dict) -> bool:
-        return layout_of(config) is not None
+    def policy_args(self, tokenizer) -> dict:
+        return {}
+
+    def recognises(self, config: dict, folder: Path | None = None) -> bool:
+        return kind_of(folder, config) == self.name
 
     def check(self, folder: Path, model_cfg) -> None:
         spec = read_spec(folder, model_cfg)
-        _check_weights(Path(folder), spec)
+        _check_weights(Path(folder), spec, self.name)
         load_tokenizer(spec, model_cfg)
 
     def actions_per_call(self, folder: Path, model_cfg) -> int:
         return read_spec(folder, model_cfg).executed_steps
 
     def load(self, folder: Path, model_cfg) -> Loaded:
-        return load_pi0(Path(folder), model_cfg)
+        return load_pi0(Path(folder), model_cfg, self)
 
     def save(self, folder: Path, loaded: Loaded, state_dict: dict | None = None) -> None:
         save_pi0(folder, loaded.model, state_dict)

@@ -97,13 +97,17 @@ class Pi0Policy(FlowPolicy, nn.Module):
         nn.Module.__init__(self)
         self.spec, self.config = spec, settings
         with contextlib.nullcontext() if init_weights else no_init_weights():
-            self.backbone = PI0ForConditionalGeneration(transformers_config(spec))
+            self.backbone = self.build_backbone(spec)
         self.value_head = _seeded_head(spec.paligemma.width, 1, nn.Tanh())
         # Flow-Noise's learned std, per action value, from the expert's output features.
         self.noise_head = _seeded_head(spec.action_expert.width, spec.max_action_dim, nn.SiLU())
-        s = spec.stats
-        self.register_buffer("state_mean", torch.tensor(s.state_mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("state_std", torch.tensor(s.state_std, dtype=torch.float32), persistent=False)
+        offset, scale = spec.stats.affine("state")
+        self.register_buffer("state_offset", torch.from_numpy(offset), persistent=False)
+        self.register_buffer("state_scale", torch.from_numpy(scale), persistent=False)
+
+    @staticmethod
+    def build_backbone(spec: Pi0Spec) -> nn.Module:
+        return PI0ForConditionalGeneration(transformers_config(spec))
 
     # ---- the policy interface (vlarl/models/family.py) ------------------------------------------
     def __setattr__(self, name, value):
@@ -153,11 +157,16 @@ class Pi0Policy(FlowPolicy, nn.Module):
                               align_corners=False).clamp(0, 1).reshape(b, n, 3, self.image_size, self.image_size)
         return (x * 2 - 1).to(self.dtype)
 
+    def normalised_state(self, proprio: torch.Tensor) -> torch.Tensor:
+        """Environment proprio (B, S) -> normalised (B, S) float32."""
+        if proprio.shape[-1] != self.spec.state_dim:
+            raise ValueError(f"{self.spec.kind}'s statistics describe a {self.spec.state_dim}-D state; got "
+                             f"{proprio.shape[-1]}-D.")
+        return (proprio.float() - self.state_offset) / self.state_scale
+
     def state(self, proprio: torch.Tensor) -> torch.Tensor:
         """Environment proprio (B, S) -> normalised and zero-padded to max_state_dim (B, 32)."""
-        if proprio.shape[-1] != self.spec.state_dim:
-            raise ValueError(f"pi0's statistics describe a {self.spec.state_dim}-D state; got {proprio.shape[-1]}-D.")
-        s = (proprio.float() - self.state_mean) / (self.state_std + self.spec.stats.norm_eps)
+        s = self.normalised_state(proprio)
         return F.pad(s, (0, self.spec.max_state_dim - s.shape[-1])).to(self.dtype)
 
     def prefix_inputs(self, images, input_ids, text_mask):

@@ -1,6 +1,7 @@
-"""Tiny random pi0 folders in the real layouts, and a tiny PaliGemma-style tokenizer, for tests.
+"""Tiny random pi0 and pi0.5 folders in the real layouts, and a tiny PaliGemma-style tokenizer, for tests.
 
     python -m vlarl.models.pi0.tiny OUT --format lerobot|openpi [--tokenizer DIR]
+    python -m vlarl.models.pi05.tiny OUT --format lerobot|openpi [--tokenizer DIR]
 
 The folders carry the upstream file names, config fields, weight names and statistics files
 (vlarl/models/pi0/config.py describes both layouts) with tiny sizes in arch.json beside config.json.
@@ -25,6 +26,7 @@ from vlarl.models.pi0.config import (
     DEFAULT_TOKENIZER,
     GemmaSize,
     Pi0Spec,
+    TOKENIZER_MAX_LENGTH,
     Pi0Stats,
     VisionSize,
     arch_dict,
@@ -34,7 +36,7 @@ from vlarl.models.pi0.modeling import Pi0Policy, Pi0Settings
 LIBERO_WORDS = ("put pick up place open close turn on off the a and in into on top of to drawer bowl plate black "
                 "white red yellow green blue cream cheese ketchup mug stove cabinet basket box alphabet soup "
                 "tomato sauce butter milk orange juice wine bottle rack middle left right front back move block "
-                "purple cyan")  # LIBERO's words and the toy task's ("move to the {colour} block")
+                "purple cyan Task State Action")  # LIBERO's, the toy task's ("move to the {colour} block"), pi0.5's
 ASSET_ID = "physical-intelligence/libero"  # openpi's pi0_libero asset id
 
 # transformers name -> upstream name (without LeRobot's `model.`), the inverse of checkpoint.RULES.
@@ -45,7 +47,7 @@ INVERSE = [
     (r"^model\.dit\.embed_tokens\.weight$", "paligemma_with_expert.gemma_expert.lm_head.weight"),
     (r"^model\.dit\.", "paligemma_with_expert.gemma_expert.model."),
     (r"^embed_action_time\.", ""),
-    (r"^action_out_proj\.", "action_out_proj."),
+    (r"^(action_in_proj|time_mlp_in|time_mlp_out|action_out_proj)\.", r"\1."),
 ]
 
 
@@ -57,16 +59,18 @@ def upstream_name(name: str, layout: str) -> str:
 
 
 def write_tiny_tokenizer(out: str | Path, words: str = LIBERO_WORDS) -> Path:
-    """A word-level tokenizer with Gemma's special ids (<pad> 0, <eos> 1, <bos> 2, <unk> 3) and "\\n"."""
+    """A word-level tokenizer with Gemma's special ids (<pad> 0, <eos> 1, <bos> 2, <unk> 3) and "\\n";
+    punctuation and each digit are tokens of their own (Gemma splits digits too)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "\n"]
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", *":,;-.", *"0123456789"]
     for w in words.split():
         if w not in vocab:
             vocab.append(w)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
     tok.add_tokens([AddedToken("\n", normalized=False, special=False)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    unk_token="<unk>")
@@ -75,16 +79,23 @@ def write_tiny_tokenizer(out: str | Path, words: str = LIBERO_WORDS) -> Path:
 
 
 def tiny_spec(layout: str, image_size: int = 16, chunk_size: int = 10, executed_steps: int = 2,
-              vocab_size: int = 128, cameras: int = 2, seed: int = 0, tokenizer_name: str = DEFAULT_TOKENIZER) -> Pi0Spec:
+              vocab_size: int = 128, cameras: int = 2, seed: int = 0, tokenizer_name: str = DEFAULT_TOKENIZER,
+              kind: str = "pi0") -> Pi0Spec:
     rng = np.random.default_rng(seed)
-    stats = Pi0Stats(rng.normal(0, 0.3, PROPRIO_DIM).tolist(), rng.uniform(0.1, 1.0, PROPRIO_DIM).tolist(),
-                     rng.normal(0, 0.1, ACTION_DIM).tolist(), rng.uniform(0.05, 0.5, ACTION_DIM).tolist(),
-                     1e-8 if layout == "lerobot" else 1e-6, 0.0 if layout == "lerobot" else 1e-6)
-    return Pi0Spec(layout=layout, vocab_size=vocab_size, paligemma=GemmaSize(32, 2, 64, 2, 1, 16),
+    state_mean, state_std = rng.normal(0, 0.3, PROPRIO_DIM), rng.uniform(0.1, 1.0, PROPRIO_DIM)
+    action_mean, action_std = rng.normal(0, 0.1, ACTION_DIM), rng.uniform(0.05, 0.5, ACTION_DIM)
+    if kind == "pi05":  # quantiles, as (q01, q99) = mean -+ 2 std
+        stats = Pi0Stats(*(x.tolist() for x in (state_mean - 2 * state_std, state_mean + 2 * state_std,
+                                                 action_mean - 2 * action_std, action_mean + 2 * action_std)),
+                         0.0 if layout == "lerobot" else 1e-6, 0.0 if layout == "lerobot" else 1e-6, "quantiles")
+    else:
+        stats = Pi0Stats(state_mean.tolist(), state_std.tolist(), action_mean.tolist(), action_std.tolist(),
+                         1e-8 if layout == "lerobot" else 1e-6, 0.0 if layout == "lerobot" else 1e-6)
+    return Pi0Spec(layout=layout, kind=kind, vocab_size=vocab_size, paligemma=GemmaSize(32, 2, 64, 2, 1, 16),
                    action_expert=GemmaSize(16, 2, 32, 2, 1, 16), vision=VisionSize(16, 32, 1, 2, 4),
                    image_size=image_size, num_cameras=cameras, chunk_size=chunk_size, executed_steps=executed_steps,
                    max_state_dim=32, max_action_dim=32, num_inference_steps=10, min_period=4e-3, max_period=4.0,
-                   tokenizer_name=tokenizer_name, tokenizer_max_length=48, stats=stats)
+                   tokenizer_name=tokenizer_name, tokenizer_max_length=TOKENIZER_MAX_LENGTH[kind], stats=stats)
 
 
 def _features(spec: Pi0Spec) -> dict:
@@ -95,18 +106,23 @@ def _features(spec: Pi0Spec) -> dict:
 
 
 def _stats_tensors(spec: Pi0Spec) -> dict[str, np.ndarray]:
+    """Every statistic LeRobot stores, consistent with the spec's: q01/q99 = mean -+ 2 std, min/max -+ 3 std."""
     s, f = spec.stats, lambda x: np.asarray(x, np.float32)  # noqa: E731
     out = {}
-    for key, mean, std in (("observation.state", s.state_mean, s.state_std), ("action", s.action_mean, s.action_std)):
-        out.update({f"{key}.mean": f(mean), f"{key}.std": f(std), f"{key}.min": f(mean) - 3 * f(std),
-                    f"{key}.max": f(mean) + 3 * f(std)})
+    for key, what in (("observation.state", "state"), ("action", "action")):
+        a, b = f(getattr(s, f"{what}_mean")), f(getattr(s, f"{what}_std"))
+        mean, std = ((a + b) / 2, (b - a) / 4) if s.mode == "quantiles" else (a, b)
+        out.update({f"{key}.mean": mean, f"{key}.std": std, f"{key}.min": mean - 3 * std, f"{key}.max": mean + 3 * std,
+                    f"{key}.q01": a if s.mode == "quantiles" else mean - 2 * std,
+                    f"{key}.q99": b if s.mode == "quantiles" else mean + 2 * std})
     return out
 
 
 def _write_lerobot_side(out: Path, spec: Pi0Spec) -> None:
-    norm_map = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    mode = "QUANTILES" if spec.stats.mode == "quantiles" else "MEAN_STD"
+    norm_map = {"VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode}
     features = {**_features(spec), "action": {"type": "ACTION", "shape": [spec.action_dim]}}
-    config = {"type": "pi0", "n_obs_steps": 1, "input_features": _features(spec),
+    config = {"type": spec.kind, "n_obs_steps": 1, "input_features": _features(spec),
               "output_features": {"action": {"type": "ACTION", "shape": [spec.action_dim]}}, "device": "cpu",
               "use_amp": False, "push_to_hub": False, "paligemma_variant": "gemma_2b",
               "action_expert_variant": "gemma_300m", "dtype": "float32", "chunk_size": spec.chunk_size,
@@ -117,18 +133,25 @@ def _write_lerobot_side(out: Path, spec: Pi0Spec) -> None:
               "image_resolution": [spec.image_size, spec.image_size], "empty_cameras": 0,
               "normalization_mapping": norm_map, "tokenizer_max_length": spec.tokenizer_max_length}
     (out / "config.json").write_text(json.dumps(config, indent=4))
-    pre_state = "policy_preprocessor_step_5_normalizer_processor.safetensors"
-    post_state = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
     norm_config = {"eps": 1e-8, "features": features, "norm_map": norm_map}
-    pre = {"name": "policy_preprocessor", "steps": [
-        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
-        {"registry_name": "to_batch_processor", "config": {}},
-        {"registry_name": "pi0_new_line_processor", "config": {}},
-        {"registry_name": "tokenizer_processor", "config": {
-            "max_length": spec.tokenizer_max_length, "task_key": "task", "padding_side": "right",
-            "padding": "max_length", "truncation": True, "tokenizer_name": spec.tokenizer_name}},
-        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
-        {"registry_name": "normalizer_processor", "config": norm_config, "state_file": pre_state}]}
+    tokenizer = {"registry_name": "tokenizer_processor", "config": {
+        "max_length": spec.tokenizer_max_length, "task_key": "task", "padding_side": "right",
+        "padding": "max_length", "truncation": True, "tokenizer_name": spec.tokenizer_name}}
+    device = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
+    start = [{"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+             {"registry_name": "to_batch_processor", "config": {}}]
+    if spec.kind == "pi05":  # processor_pi05.py: normalise, then the state goes into the prompt
+        steps = [*start, {"registry_name": "normalizer_processor", "config": norm_config},
+                 {"registry_name": "pi05_prepare_state_tokenizer_processor_step",
+                  "config": {"max_state_dim": spec.max_state_dim, "task_key": "task"}}, tokenizer, device]
+    else:  # processor_pi0.py
+        steps = [*start, {"registry_name": "pi0_new_line_processor", "config": {}}, tokenizer, device,
+                 {"registry_name": "normalizer_processor", "config": norm_config}]
+    index = next(i for i, s in enumerate(steps) if s["registry_name"] == "normalizer_processor")
+    pre_state = f"policy_preprocessor_step_{index}_normalizer_processor.safetensors"
+    post_state = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+    steps[index]["state_file"] = pre_state
+    pre = {"name": "policy_preprocessor", "steps": steps}
     post = {"name": "policy_postprocessor", "steps": [
         {"registry_name": "unnormalizer_processor", "config": norm_config, "state_file": post_state},
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}]}
@@ -151,19 +174,26 @@ def _write_openpi_side(out: Path, spec: Pi0Spec) -> None:
     path.write_text(json.dumps({"norm_stats": stats}, indent=2))
 
 
-def write_tiny_pi0(out: str | Path, format: str = "lerobot", seed: int = 0, **sizes) -> Path:
-    """A tiny random pi0 folder in `format` ("lerobot" | "openpi"); `sizes` override tiny_spec's arguments.
-    The same seed gives the same weights in either format."""
+def write_tiny_pi0(out: str | Path, format: str = "lerobot", seed: int = 0, kind: str = "pi0", **sizes) -> Path:
+    """A tiny random pi0 (kind="pi0") or pi0.5 ("pi05") folder in `format` ("lerobot" | "openpi");
+    `sizes` override tiny_spec's arguments. The same seed gives the same weights in either format."""
     if format not in ("lerobot", "openpi"):
         raise ValueError(f"format={format!r}; choose lerobot or openpi.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = tiny_spec(format, seed=seed, **sizes)
+    spec = tiny_spec(format, seed=seed, kind=kind, **sizes)
     torch.manual_seed(seed)
-    model = Pi0Policy(replace(spec, layout=format), Pi0Settings(action_dim=spec.action_dim * spec.executed_steps))
+    policy = Pi0Policy
+    if kind == "pi05":
+        from vlarl.models.pi05.modeling import Pi05Policy as policy
+    model = policy(replace(spec, layout=format), Pi0Settings(action_dim=spec.action_dim * spec.executed_steps))
+    if kind == "pi05":  # upstream initialises adaRMS's dense weights to zero; random ones test them
+        for name, p in model.backbone.named_parameters():
+            if ".dense." in name:
+                torch.nn.init.normal_(p, std=0.1)
     state = model.backbone.state_dict()
     record = [(upstream_name(k, format), k, v.dtype) for k, v in state.items()]
-    assert all(to_transformers(u, format) == k for u, k, _ in record)
+    assert all(to_transformers(u, format, kind) == k for u, k, _ in record)
     (_write_lerobot_side if format == "lerobot" else _write_openpi_side)(out, spec)
     arch = arch_dict(spec)
     if format == "openpi":  # openpi's config.json names neither (224 px; base + wrist cameras on LIBERO)
@@ -173,14 +203,14 @@ def write_tiny_pi0(out: str | Path, format: str = "lerobot", seed: int = 0, **si
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(kind: str = "pi0") -> None:
+    parser = argparse.ArgumentParser(description=f"A tiny random {kind} folder in LeRobot's or openpi's layout.")
     parser.add_argument("out")
     parser.add_argument("--format", choices=("lerobot", "openpi"), default="lerobot")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="also write the tiny tokenizer to this folder")
     args = parser.parse_args()
-    print(write_tiny_pi0(args.out, args.format, args.seed))
+    print(write_tiny_pi0(args.out, args.format, args.seed, kind))
     if args.tokenizer:
         print(write_tiny_tokenizer(args.tokenizer))
 

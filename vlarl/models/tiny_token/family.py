@@ -94,7 +94,7 @@ class TinyToken(Family):
     builds_tiny = True
     supervised = Supervised(token_nll, 2e-3)
 
-    def recognises(self, config: dict) -> bool:
+    def recognises(self, config: dict, folder: Path | None = None) -> bool:
         return config.get("model_type") == self.model_class.config_class.model_type
 
     def actions_per_call(self, folder: Path, model_cfg) -> int:
