@@ -150,6 +150,7 @@ class RolloutConfig:
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
     eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
     eval_videos: int = 2  # evaluation episodes saved as MP4 under run_dir/eval/ each time; 0 = none
+    compile: bool = False  # flow policies: torch.compile the denoising step (CUDA graphs on GPU); bench/flow_denoise.py
 
 
 @dataclass

@@ -29,6 +29,15 @@ class FlowActionOutput:
 
 
 class FlowEngine(HFEngine):
+    def __init__(self, model, tokenizer, action_tokenizer, device: str = "cpu", compile: bool = False):
+        """compile: the model's velocity (its per-step work: the expert against the prefix cache) through
+        torch.compile, with CUDA graphs on a GPU; the prefix encoding and the sampler stay eager. The
+        first calls compile (tens of seconds); weight pushes update the parameters it reads in place."""
+        super().__init__(model, tokenizer, action_tokenizer, device)
+        if compile:
+            self.model.velocity = torch.compile(self.model.velocity, dynamic=False,
+                                                mode="reduce-overhead" if device == "cuda" else None)
+
     @torch.no_grad()
     def generate(self, obs: dict, temperature: float, greedy: bool = False,
                  generator: sampling.Generators = None) -> FlowActionOutput:
@@ -57,6 +66,11 @@ class FlowEngine(HFEngine):
 ENGINES = {"token": HFEngine, "flow": FlowEngine}  # the model's `action_kind` -> its PyTorch engine
 
 
-def make_engine(model, tokenizer, action_tokenizer, device: str) -> HFEngine:
-    """The PyTorch engine that fits the model's `action_kind`."""
-    return ENGINES[model.action_kind](model, tokenizer, action_tokenizer, device)
+def make_engine(model, tokenizer, action_tokenizer, device: str, compile: bool = False) -> HFEngine:
+    """The PyTorch engine that fits the model's `action_kind`; `compile` (rollout.compile) is for flow policies."""
+    if not compile:
+        return ENGINES[model.action_kind](model, tokenizer, action_tokenizer, device)
+    if model.action_kind != "flow":
+        raise ValueError("rollout.compile compiles a flow policy's denoising step; this model decodes tokens: "
+                         "set rollout.compile=false (or rollout.engine=vllm for a fast token engine).")
+    return FlowEngine(model, tokenizer, action_tokenizer, device, compile=True)

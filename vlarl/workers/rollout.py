@@ -50,7 +50,7 @@ class RolloutWorker:
             self.engine = VLLMEngine(model, tokenizer, action_tokenizer, device, self.cfg.rollout.vllm_memory_fraction,
                                      self.cfg.rollout.sync_bucket_mb, sleep_mode=transport == "cuda_ipc")
         else:
-            self.engine = make_engine(model, tokenizer, action_tokenizer, device)
+            self.engine = make_engine(model, tokenizer, action_tokenizer, device, self.cfg.rollout.compile)
         self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
         self.num_envs = num_envs
         self.weights_version = 0
