@@ -55,8 +55,16 @@ def write_pi05(out: Path) -> list[str]:
     return [f"model.tokenizer_path={write_tiny_tokenizer(out.parent / 'tokenizer')}"]
 
 
+def write_smolvla(out: Path) -> list[str]:
+    from vlarl.models.pi0.tiny import write_tiny_tokenizer
+    from vlarl.models.smolvla.tiny import write_tiny_smolvla
+
+    write_tiny_smolvla(out, seed=3)
+    return [f"model.tokenizer_path={write_tiny_tokenizer(out.parent / 'tokenizer')}"]
+
+
 WRITERS = {"tiny_token": write_tiny("tiny_token"), "tiny_flow": write_tiny("tiny_flow"), "openvla": write_openvla,
-           "pi0": write_pi0, "pi05": write_pi05}
+           "pi0": write_pi0, "pi05": write_pi05, "smolvla": write_smolvla}
 SETTINGS: dict[str, list[str]] = {}  # family -> the settings its folder needs (filled by the fixture)
 
 

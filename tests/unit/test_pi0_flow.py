@@ -1,4 +1,4 @@
-"""pi0 and pi0.5 under vlarl's RL samplers: log-probs recomputed by the learner's forward equal the rollout's,
+"""pi0, pi0.5 and SmolVLA under vlarl's RL samplers: log-probs recomputed by the learner's forward equal the rollout's,
 a transition's log-prob is the density of the transitions the sampler draws (Monte Carlo), and flow
 matching on one-call demonstrations trains the executed elements only."""
 
@@ -14,17 +14,21 @@ from vlarl.algo import sampling
 from vlarl.models.flow_policy import pack_chains
 from vlarl.models.pi0.tiny import write_tiny_pi0, write_tiny_tokenizer
 from vlarl.models.registry import default_model_cfg, family_of_folder
+from vlarl.models.smolvla.tiny import write_tiny_smolvla
 from vlarl.models.tiny_flow.family import flow_matching
 
 torch.set_num_threads(1)
 B = 3
 
 
-@pytest.fixture(scope="module", params=["pi0", "pi05"])
+@pytest.fixture(scope="module", params=["pi0", "pi05", "smolvla"])
 def folders(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("pi0flow")
-    return (write_tiny_pi0(root / "model", "lerobot", seed=2, chunk_size=6, kind=request.param),
-            write_tiny_tokenizer(root / "tok"))
+    if request.param == "smolvla":
+        model = write_tiny_smolvla(root / "model", seed=2, chunk_size=6)
+    else:
+        model = write_tiny_pi0(root / "model", "lerobot", seed=2, chunk_size=6, kind=request.param)
+    return model, write_tiny_tokenizer(root / "tok")
 
 
 def load(folders, method: str):

@@ -14,10 +14,11 @@ from vlarl.models.family import Family, FamilyError, Loaded
 from vlarl.models.openvla.family import OpenVLA
 from vlarl.models.pi0.family import Pi0
 from vlarl.models.pi05.family import Pi05
+from vlarl.models.smolvla.family import SmolVLA
 from vlarl.models.tiny_flow.family import TinyFlow
 from vlarl.models.tiny_token.family import TinyToken
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA(), Pi0(), Pi05())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA(), Pi0(), Pi05(), SmolVLA())}
 
 
 def default_model_cfg():

@@ -35,6 +35,9 @@ RULES = {  # pi0: transformers' PI0ForConditionalGeneration; pi0.5: vlarl/models
     "pi0": [*SHARED_RULES,
             (r"^(state_proj|action_in_proj|action_time_mlp_in|action_time_mlp_out)\.", r"embed_action_time.\1.")],
     "pi05": [*SHARED_RULES, (r"^(action_in_proj|time_mlp_in|time_mlp_out)\.", r"\1.")],
+    # vlarl/models/smolvla/modeling.py SmolVLABackbone (LeRobot's VLAFlowMatching without `vlm_with_expert.`)
+    "smolvla": [(r"^vlm_with_expert\.(vlm|lm_expert)\.", r"\1."),
+                (r"^(state_proj|action_in_proj|action_out_proj|action_time_mlp_in|action_time_mlp_out)\.", r"\1.")],
 }
 
 

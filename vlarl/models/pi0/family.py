@@ -63,7 +63,7 @@ def _check_weights(folder: Path, spec: Pi0Spec, kind: str) -> None:
                           "(or leave model.family unset to detect it).")
 
 
-NAMES = {"pi0": "pi0", "pi05": "pi0.5"}
+NAMES = {"pi0": "pi0", "pi05": "pi0.5", "smolvla": "SmolVLA"}
 
 
 def load_pi0(folder: Path, model_cfg, family: "Pi0") -> Loaded:
@@ -140,7 +140,13 @@ class Pi0(Family):
     def frame_transform(self, env_name: str, model_cfg):
         """LIBERO: agentview | wrist side by side (vlarl's LIBERO frames are already upright, as openpi's
         example rotates them); the model resizes each camera to its image size. Other envs: None."""
-        if not env_name.startswith("libero"):
-            return None
-        cameras = read_spec(model_cfg.path, model_cfg).num_cameras if model_cfg.path else 2  # agentview + wrist
-        return lambda obs: camera_strip(obs, cameras)
+        return libero_cameras(env_name, model_cfg, read_spec)
+
+
+def libero_cameras(env_name: str, model_cfg, read_spec):
+    """On LIBERO, the folder's cameras (`read_spec(...).num_cameras`; agentview + wrist without a folder)
+    side by side; None elsewhere."""
+    if not env_name.startswith("libero"):
+        return None
+    cameras = read_spec(model_cfg.path, model_cfg).num_cameras if model_cfg.path else 2
+    return lambda obs: camera_strip(obs, cameras)

@@ -98,9 +98,10 @@ class Pi0Policy(FlowPolicy, nn.Module):
         self.spec, self.config = spec, settings
         with contextlib.nullcontext() if init_weights else no_init_weights():
             self.backbone = self.build_backbone(spec)
-        self.value_head = _seeded_head(spec.paligemma.width, 1, nn.Tanh())
+        prefix_width, expert_width = self.head_widths(spec)
+        self.value_head = _seeded_head(prefix_width, 1, nn.Tanh())
         # Flow-Noise's learned std, per action value, from the expert's output features.
-        self.noise_head = _seeded_head(spec.action_expert.width, spec.max_action_dim, nn.SiLU())
+        self.noise_head = _seeded_head(expert_width, spec.max_action_dim, nn.SiLU())
         offset, scale = spec.stats.affine("state")
         self.register_buffer("state_offset", torch.from_numpy(offset), persistent=False)
         self.register_buffer("state_scale", torch.from_numpy(scale), persistent=False)
@@ -108,6 +109,11 @@ class Pi0Policy(FlowPolicy, nn.Module):
     @staticmethod
     def build_backbone(spec: Pi0Spec) -> nn.Module:
         return PI0ForConditionalGeneration(transformers_config(spec))
+
+    @staticmethod
+    def head_widths(spec: Pi0Spec) -> tuple[int, int]:
+        """(width the value head reads: the VLM's, width the noise head reads: the expert's)"""
+        return spec.paligemma.width, spec.action_expert.width
 
     # ---- the policy interface (vlarl/models/family.py) ------------------------------------------
     def __setattr__(self, name, value):

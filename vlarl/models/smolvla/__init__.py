@@ -1,0 +1,1 @@
+"""SmolVLA (Hugging Face; LeRobot folders) as a vlarl flow family."""

@@ -1,0 +1,73 @@
+"""The SmolVLA family (vlarl/models/family.py): LeRobot `smolvla` folders in, the same layout out.
+
+Settings read from `model`: dtype, flow (the run's sampler replaces the plain ODE for RL), tokenizer_path
+(a folder with the SmolVLM2 tokenizer; else the id the folder names, from the local Hugging Face cache),
+executed_steps (actions executed per call; else n_action_steps). vlarl's value and Flow-Noise heads
+live in value_head.safetensors beside the weights, as for pi0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vlarl.models.family import DTYPES, Family, FamilyError, Loaded, Supervised
+from vlarl.models.pi0.actions import Pi0Actions
+from vlarl.models.pi0.checkpoint import VALUE_HEAD, WEIGHTS, read_weights, side_files
+from vlarl.models.pi0.family import libero_cameras, load_tokenizer, save_pi0
+from vlarl.models.pi0.modeling import Pi0Settings
+from vlarl.models.smolvla.config import is_smolvla, read_spec
+from vlarl.models.smolvla.modeling import SmolVLAPolicy
+from vlarl.models.tiny_flow.family import flow_matching, sampler_settings
+
+UNUSED = {"vlm.lm_head.weight"}  # SmolVLM's language head: SmolVLA never decodes text
+
+
+def load_smolvla(folder: Path, model_cfg) -> Loaded:
+    spec = read_spec(folder, model_cfg)
+    if not (folder / WEIGHTS).is_file():
+        raise FamilyError(f"{folder / WEIGHTS} is missing; copy the whole SmolVLA folder.")
+    settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, **sampler_settings(model_cfg.flow))
+    tokenizer = load_tokenizer(spec, model_cfg)
+    model = SmolVLAPolicy(spec, settings, init_weights=False)  # every weight comes from the folder
+    state, record = read_weights(folder, spec.layout, "smolvla")
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    if set(missing) - UNUSED or unexpected:
+        raise FamilyError(f"{folder / WEIGHTS} does not fit SmolVLA at the folder's sizes (missing "
+                          f"{sorted(set(missing) - UNUSED)[:3]}, unexpected {sorted(unexpected)[:3]}); the folder is "
+                          "damaged, or its vlm_model_name names another backbone.")
+    for name in set(missing) & UNUSED:
+        torch.nn.init.zeros_(model.backbone.get_parameter(name))  # the same in every process
+    if (folder / VALUE_HEAD).is_file():
+        model.load_state_dict(load_file(folder / VALUE_HEAD), strict=False)
+    model.source_record, model.source_files = record, side_files(folder)
+    model.to(DTYPES[model_cfg.dtype])
+    return Loaded(model, tokenizer, Pi0Actions(spec.stats, spec.executed_steps), SmolVLA())
+
+
+class SmolVLA(Family):
+    name = "smolvla"
+    serves_vllm = False  # its actions come from the action expert, in PyTorch
+    supervised = Supervised(flow_matching, 1e-4)  # LeRobot configuration_smolvla.py optimizer_lr
+
+    def recognises(self, config: dict, folder: Path | None = None) -> bool:
+        return is_smolvla(config)
+
+    def check(self, folder: Path, model_cfg) -> None:
+        load_tokenizer(read_spec(folder, model_cfg), model_cfg)
+
+    def actions_per_call(self, folder: Path, model_cfg) -> int:
+        return read_spec(folder, model_cfg).executed_steps
+
+    def load(self, folder: Path, model_cfg) -> Loaded:
+        return load_smolvla(Path(folder), model_cfg)
+
+    def save(self, folder: Path, loaded: Loaded, state_dict: dict | None = None) -> None:
+        save_pi0(folder, loaded.model, state_dict)
+
+    def frame_transform(self, env_name: str, model_cfg):
+        """LIBERO: the checkpoint's cameras side by side (agentview | wrist); the model resizes each to
+        its image size. Other envs: None."""
+        return libero_cameras(env_name, model_cfg, read_spec)
