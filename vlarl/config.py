@@ -90,6 +90,7 @@ class ModelConfig:
     unnorm_key: Optional[str] = None  # dataset statistics that un-normalise actions (OpenVLA norm_stats, openpi assets/)
     tokenizer_path: Optional[str] = None  # pi0: a folder with the PaliGemma tokenizer (LeRobot folders store none)
     executed_steps: Optional[int] = None  # pi0: actions of the chunk executed per call (null: the folder's n_action_steps)
+    value_from: str = "prefix"  # pi0/pi05/smolvla value head input: prefix (VLM's last token) | expert (expert at t = 1)
     train_vision: bool = False  # OpenVLA: train the vision towers too (frozen by default)
     center_crop: bool = False  # OpenVLA: 0.9-area centre crop, for checkpoints trained with crop augmentation
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes when building from config
@@ -237,6 +238,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "algo.ratio_level": ("token", "action"),
     "model.dtype": ("float32", "bfloat16"),
     "model.policy": ("token", "flow"),
+    "model.value_from": ("prefix", "expert"),
     "model.flow.method": ("sde", "sde_all", "noise"),
     "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),

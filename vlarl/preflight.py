@@ -60,8 +60,14 @@ def check_model_folder(cfg: DictConfig) -> None:
             if cfg.model.family is not None and not family_named(cfg.model.family).builds_tiny:
                 raise FamilyError(f"model.family={cfg.model.family} loads checkpoints only; set model.path to a "
                                   "checkpoint folder of that family.")
+            if cfg.model.value_from != "prefix":
+                raise FamilyError(f"model.value_from={cfg.model.value_from} is for pi0, pi05 and smolvla checkpoints; "
+                                  "the tiny models read values from the prefix: set model.value_from=prefix.")
             return
         family = family_of_folder(cfg.model.path, cfg.model.family)
+        if cfg.model.value_from not in family.value_sources:
+            raise FamilyError(f"model.value_from={cfg.model.value_from} is not available for {family.name} models; "
+                              f"choose one of {', '.join(family.value_sources)}.")
         family.check(cfg.model.path, cfg.model)
         per_call = family.actions_per_call(cfg.model.path, cfg.model)
     except FamilyError as e:

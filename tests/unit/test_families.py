@@ -203,3 +203,19 @@ def test_loading_twice_gives_the_same_weights(family_folder):
     name, folder = family_folder
     a, b = load_model(folder, model_cfg(name)).model.state_dict(), load_model(folder, model_cfg(name)).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_value_from_expert_only_where_the_family_has_an_expert(tmp_path):
+    from vlarl.config import ConfigError
+    from vlarl.preflight import load_run_config
+
+    with pytest.raises(ConfigError, match="model.value_from=expert is for pi0, pi05 and smolvla"):
+        load_run_config(["env=toy", "model.value_from=expert"])
+    folder = tmp_path / "openvla"
+    write_openvla(folder)
+    with pytest.raises(ConfigError, match="not available for openvla models; choose one of prefix"):
+        load_run_config(["env=toy", f"model.path={folder}", "model.unnorm_key=bridge_orig", "model.value_from=expert"])
+    pi0 = tmp_path / "pi0"
+    settings = write_pi0(pi0)
+    cfg = load_run_config(["env=toy", "env.action_chunk=2", f"model.path={pi0}", "model.value_from=expert", *settings])
+    assert cfg.model.value_from == "expert"

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch.distributions import Normal
 
 from vlarl.algo import sampling
+from vlarl.models.family import FamilyError
 from vlarl.models.flow_policy import pack_chains
 from vlarl.models.pi0.tiny import write_tiny_pi0, write_tiny_tokenizer
 from vlarl.models.registry import default_model_cfg, family_of_folder
@@ -31,11 +32,12 @@ def folders(request, tmp_path_factory):
     return model, write_tiny_tokenizer(root / "tok")
 
 
-def load(folders, method: str):
+def load(folders, method: str, value_from: str = "prefix"):
     cfg = default_model_cfg()
     OmegaConf.set_struct(cfg, False)
     cfg.tokenizer_path = str(folders[1])
     cfg.flow.method = method
+    cfg.value_from = value_from
     return family_of_folder(folders[0]).load(folders[0], cfg)
 
 
@@ -88,6 +90,30 @@ def test_transition_logprob_is_the_density_the_sampler_draws_from(folders, monke
     mc_error = torch.sqrt(z**2 / n + (z**2 - 1) ** 2 / (2 * n))  # of the fitted log-density (delta method)
     assert ((fitted.log_prob(x1[:20]) - recorded).abs() < 5 * mc_error + 1e-3).all()
     assert recorded.std() > 0.3  # the points differ, so agreement is not one constant
+
+
+@pytest.mark.parametrize("value_from", ["prefix", "expert"])
+def test_value_head_reads_the_prefix_or_the_expert(folders, value_from, tmp_path):
+    """model.value_from=expert: values come from the action expert (gradients reach it, not the sampled
+    noise: two different chains of one observation get the same value); prefix: the expert gets none."""
+    model, tok, _ = load(folders, "sde_all", value_from)
+    torch.nn.init.normal_(model.value_head[2].weight)  # the seeded head starts at zero output
+    obs = inputs(model, tok)
+    chains = [model.sample(*obs, generator=torch.Generator().manual_seed(i))[:2] for i in range(2)]
+    values = [model(*obs, pack_chains(*c))[2] for c in chains]
+    assert torch.equal(values[0], values[1]) and values[0].abs().sum() > 0
+    values[0].sum().backward()
+    expert = [p for n, p in model.named_parameters()
+              if n.startswith(("backbone.model.dit.layers.", "backbone.lm_expert.layers."))]
+    reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in expert]
+    assert any(reached) == (value_from == "expert")
+
+
+def test_a_value_head_of_the_other_width_stops_the_load(folders, tmp_path):
+    family = family_of_folder(folders[0])
+    family.save(tmp_path / "model", load(folders, "sde_all", "expert"))
+    with pytest.raises(FamilyError, match="value head of another input width.*model.value_from"):
+        load((tmp_path / "model", folders[1]), "sde_all", "prefix")
 
 
 def test_flow_matching_on_one_call_demonstrations_trains_the_expert(folders):

@@ -69,7 +69,8 @@ NAMES = {"pi0": "pi0", "pi05": "pi0.5", "smolvla": "SmolVLA"}
 def load_pi0(folder: Path, model_cfg, family: "Pi0") -> Loaded:
     spec = read_spec(folder, model_cfg)
     _check_weights(folder, spec, family.name)
-    settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, **sampler_settings(model_cfg.flow))
+    settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, value_from=model_cfg.value_from,
+                           **sampler_settings(model_cfg.flow))
     tokenizer = load_tokenizer(spec, model_cfg)
     model = family.policy(spec, settings, init_weights=False, **family.policy_args(tokenizer))  # weights follow
     state, record = read_weights(folder, spec.layout, spec.kind)
@@ -81,11 +82,23 @@ def load_pi0(folder: Path, model_cfg, family: "Pi0") -> Loaded:
                           f"unexpected {sorted(unexpected)[:3]}); the folder is damaged or not {NAMES[family.name]}.")
     if "model.dit.embed_tokens.weight" not in state:
         torch.nn.init.zeros_(model.backbone.model.dit.embed_tokens.weight)  # the same in every process
-    if (folder / VALUE_HEAD).is_file():
-        model.load_state_dict(load_file(folder / VALUE_HEAD), strict=False)
+    load_heads(model, folder)
     model.source_record, model.source_files = record, side_files(folder)
     model.to(DTYPES[model_cfg.dtype])
     return Loaded(model, tokenizer, Pi0Actions(spec.stats, spec.executed_steps), family)
+
+
+def load_heads(model, folder: Path) -> None:
+    """vlarl's heads from value_head.safetensors, when the folder has them (else the seeded fresh ones)."""
+    if not (folder / VALUE_HEAD).is_file():
+        return
+    heads, own = load_file(folder / VALUE_HEAD), model.state_dict()
+    for name, tensor in heads.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise FamilyError(f"{folder / VALUE_HEAD} holds a value head of another input width ({name} "
+                              f"{tuple(tensor.shape)}, this run needs {tuple(own[name].shape)}): keep the "
+                              "model.value_from it was trained with, or delete the file to start a fresh head.")
+    model.load_state_dict(heads, strict=False)
 
 
 def save_pi0(folder: Path, model: Pi0Policy, state_dict: dict | None = None) -> None:
@@ -115,6 +128,7 @@ class Pi0(Family):
     name = "pi0"
     policy = Pi0Policy
     serves_vllm = False  # its actions come from the action expert, in PyTorch
+    value_sources = ("prefix", "expert")
     supervised = Supervised(flow_matching, 2.5e-5)  # LeRobot configuration_pi0.py optimizer_lr
 
     def policy_args(self, tokenizer) -> dict:

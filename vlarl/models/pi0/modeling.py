@@ -48,6 +48,7 @@ class Pi0Settings:
     noise_min: float = 0.08
     noise_max: float = 0.16
     std_floor: float = 0.05
+    value_from: str = "prefix"  # prefix: the VLM's last prefix token; expert: the action expert at t = 1
 
 
 def _gemma(size: GemmaSize, vocab: int) -> dict:
@@ -99,7 +100,7 @@ class Pi0Policy(FlowPolicy, nn.Module):
         with contextlib.nullcontext() if init_weights else no_init_weights():
             self.backbone = self.build_backbone(spec)
         prefix_width, expert_width = self.head_widths(spec)
-        self.value_head = _seeded_head(prefix_width, 1, nn.Tanh())
+        self.value_head = _seeded_head(expert_width if settings.value_from == "expert" else prefix_width, 1, nn.Tanh())
         # Flow-Noise's learned std, per action value, from the expert's output features.
         self.noise_head = _seeded_head(expert_width, spec.max_action_dim, nn.SiLU())
         offset, scale = spec.stats.affine("state")
@@ -188,8 +189,27 @@ class Pi0Policy(FlowPolicy, nn.Module):
 
     # ---- FlowPolicy ------------------------------------------------------------------------------
     def encode_context(self, images, proprio, input_ids, text_mask):
+        """The prefix once (`encode_prefix`); with model.value_from=expert the value comes from the action
+        expert instead: its mean output over a zero chunk at t = 1, which depends on the observation only."""
+        context, features = self.encode_prefix(images, proprio, input_ids, text_mask)
+        if self.config.value_from == "expert":
+            b, dev = features.shape[0], features.device
+            features = self.expert_hidden(context, torch.zeros(b, self.flow_width, device=dev),
+                                          torch.ones(b, device=dev)).mean(1)
+        return context, self.value_head(features).squeeze(-1).float()
+
+    def velocity(self, context, x, t):
+        """The action expert on the chunk x (B, chunk*32) at t (B,) against the prefix cache
+        -> velocity (B, chunk*32), raw Flow-Noise std (B, chunk*32), float32."""
+        hidden = self.expert_hidden(context, x, t)
+        v = self.backbone.action_out_proj(hidden)
+        raw = self.noise_head(hidden) if self.config.method == "noise" else torch.zeros_like(v)
+        return v.float().reshape(x.shape[0], -1), raw.float().reshape(x.shape[0], -1)
+
+    def encode_prefix(self, images, proprio, input_ids, text_mask):
         """The prefix through PaliGemma once, as transformers' `sample_actions` runs it.
-        -> context (keys, values per layer (B, kv, L, hd), mask (B, L), state (B, 32)), values (B,) float32"""
+        -> context (keys, values per layer (B, kv, L, hd), mask (B, L), state (B, 32)), the last real
+        prefix token's features (B, W) (the value head's input with model.value_from=prefix)"""
         m = self.backbone.model
         ids, mask, pixels, pixel_mask = self.prefix_inputs(images, input_ids, text_mask)
         embeds = m.embed_prefix(ids, pixels, pixel_mask)
@@ -197,24 +217,21 @@ class Pi0Policy(FlowPolicy, nn.Module):
                     token_type_ids=torch.zeros_like(mask), use_cache=True, return_dict=True)
         rows = torch.arange(mask.shape[0], device=mask.device)
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # last real prefix token (text may be padded either side)
-        values = self.value_head(out.last_hidden_state[rows, last]).squeeze(-1).float()
+        features = out.last_hidden_state[rows, last]
         cache = out.past_key_values
         keys = tuple(layer.keys for layer in cache.layers)
         vals = tuple(layer.values for layer in cache.layers)
-        return (keys, vals, mask, self.state(proprio)), values
+        return (keys, vals, mask, self.state(proprio)), features
 
-    def velocity(self, context, x, t):
+    def expert_hidden(self, context, x, t):
         """The action expert on the chunk x (B, chunk*32) at t (B,) against the prefix cache
-        -> velocity (B, chunk*32), raw Flow-Noise std (B, chunk*32), float32."""
+        -> its output features per action (B, chunk, W)."""
         keys, vals, mask, state = context
         cache = DynamicCache(ddp_cache_data=list(zip(keys, vals)))  # fresh: the expert appends its own KV
         b, bb = x.shape[0], self.backbone
         noisy = x.reshape(b, self.spec.chunk_size, self.spec.max_action_dim).to(self.dtype)
         out = bb.model(action_embeds=bb.embed_action_time(state, noisy, t), attention_mask=mask, past_key_values=cache)
-        hidden = out.last_hidden_state[:, -self.spec.chunk_size:]
-        v = bb.action_out_proj(hidden)
-        raw = self.noise_head(hidden) if self.config.method == "noise" else torch.zeros_like(v)
-        return v.float().reshape(b, -1), raw.float().reshape(b, -1)
+        return out.last_hidden_state[:, -self.spec.chunk_size:]
 
     def executed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, chunk*32) -> the executed actions' real dims (B, executed_steps * D), step-major."""

@@ -139,16 +139,16 @@ class Pi05Policy(Pi0Policy):
         return ids.to(input_ids.device), mask.to(input_ids.device)
 
     # ---- FlowPolicy ------------------------------------------------------------------------------
-    def encode_context(self, images, proprio, input_ids, text_mask):
+    def encode_prefix(self, images, proprio, input_ids, text_mask):
         """The prefix (cameras, then the prompt with the state) through PaliGemma once.
-        -> context (keys, values per layer (B, kv, L, hd), mask (B, L)), values (B,) float32"""
-        (keys, vals, mask, _), values = super().encode_context(images, proprio, *self.prompt(input_ids, text_mask,
-                                                                                               proprio))
-        return (keys, vals, mask), values
+        -> context (keys, values per layer (B, kv, L, hd), mask (B, L)), last prefix token's features (B, W)"""
+        (keys, vals, mask, _), features = super().encode_prefix(images, proprio, *self.prompt(input_ids, text_mask,
+                                                                                              proprio))
+        return (keys, vals, mask), features
 
-    def velocity(self, context, x, t):
+    def expert_hidden(self, context, x, t):
         """The adaRMS expert on the chunk x (B, chunk*32) at t (B,) against the prefix cache
-        -> velocity (B, chunk*32), raw Flow-Noise std (B, chunk*32), float32."""
+        -> its output features per action (B, chunk, W)."""
         keys, vals, mask = context
         cache = DynamicCache(ddp_cache_data=list(zip(keys, vals)))  # fresh: the expert appends its own KV
         b, bb, chunk = x.shape[0], self.backbone, self.spec.chunk_size
@@ -165,7 +165,4 @@ class Pi05Policy(Pi0Policy):
         for layer in dit.layers:
             h = layer(h, cond, attention_mask=attention, position_ids=positions, past_key_values=cache,
                       position_embeddings=rotary)
-        h, _ = dit.norm(h, cond)
-        v = bb.action_out_proj(h)
-        raw = self.noise_head(h) if self.config.method == "noise" else torch.zeros_like(v)
-        return v.float().reshape(b, -1), raw.float().reshape(b, -1)
+        return dit.norm(h, cond)[0]

@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from vlarl.models.family import DTYPES, Family, FamilyError, Loaded, Supervised
 from vlarl.models.pi0.actions import Pi0Actions
-from vlarl.models.pi0.checkpoint import VALUE_HEAD, WEIGHTS, read_weights, side_files
-from vlarl.models.pi0.family import libero_cameras, load_tokenizer, save_pi0
+from vlarl.models.pi0.checkpoint import WEIGHTS, read_weights, side_files
+from vlarl.models.pi0.family import libero_cameras, load_heads, load_tokenizer, save_pi0
 from vlarl.models.pi0.modeling import Pi0Settings
 from vlarl.models.smolvla.config import is_smolvla, read_spec
 from vlarl.models.smolvla.modeling import SmolVLAPolicy
@@ -29,7 +28,8 @@ def load_smolvla(folder: Path, model_cfg) -> Loaded:
     spec = read_spec(folder, model_cfg)
     if not (folder / WEIGHTS).is_file():
         raise FamilyError(f"{folder / WEIGHTS} is missing; copy the whole SmolVLA folder.")
-    settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, **sampler_settings(model_cfg.flow))
+    settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, value_from=model_cfg.value_from,
+                           **sampler_settings(model_cfg.flow))
     tokenizer = load_tokenizer(spec, model_cfg)
     model = SmolVLAPolicy(spec, settings, init_weights=False)  # every weight comes from the folder
     state, record = read_weights(folder, spec.layout, "smolvla")
@@ -40,8 +40,7 @@ def load_smolvla(folder: Path, model_cfg) -> Loaded:
                           "damaged, or its vlm_model_name names another backbone.")
     for name in set(missing) & UNUSED:
         torch.nn.init.zeros_(model.backbone.get_parameter(name))  # the same in every process
-    if (folder / VALUE_HEAD).is_file():
-        model.load_state_dict(load_file(folder / VALUE_HEAD), strict=False)
+    load_heads(model, folder)
     model.source_record, model.source_files = record, side_files(folder)
     model.to(DTYPES[model_cfg.dtype])
     return Loaded(model, tokenizer, Pi0Actions(spec.stats, spec.executed_steps), SmolVLA())
@@ -50,6 +49,7 @@ def load_smolvla(folder: Path, model_cfg) -> Loaded:
 class SmolVLA(Family):
     name = "smolvla"
     serves_vllm = False  # its actions come from the action expert, in PyTorch
+    value_sources = ("prefix", "expert")
     supervised = Supervised(flow_matching, 1e-4)  # LeRobot configuration_smolvla.py optimizer_lr
 
     def recognises(self, config: dict, folder: Path | None = None) -> bool:

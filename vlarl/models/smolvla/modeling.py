@@ -147,9 +147,9 @@ class SmolVLAPolicy(Pi0Policy):
         text = instruction if instruction.endswith("\n") else instruction + "\n"
         return tokenizer(text)["input_ids"][: self.spec.tokenizer_max_length]
 
-    def encode_context(self, images, proprio, input_ids, text_mask):
+    def encode_prefix(self, images, proprio, input_ids, text_mask):
         """Cameras, instruction and state token through the cut SmolVLM once.
-        -> context (keys, values per layer (B, kv, P, hd), prefix mask (B, P)), values (B,) float32"""
+        -> context (keys, values per layer (B, kv, P, hd), prefix mask (B, P)), the state token's features (B, W)"""
         vlm, bb = self.backbone.vlm.model, self.backbone
         pixels = self.pixel_values(images)  # (B, n, 3, S, S) in [-1, 1]
         b, n = pixels.shape[:2]
@@ -167,9 +167,9 @@ class SmolVLAPolicy(Pi0Policy):
         allowed = (block[None, :] <= block[:, None])[None] & pad[:, None, :] & pad[:, :, None]
         out = vlm.text_model(inputs_embeds=embeds, attention_mask=self.additive(allowed, embeds.dtype),
                              position_ids=pad.long().cumsum(-1) - 1, use_cache=True)
-        values = self.value_head(out.last_hidden_state[:, -1]).squeeze(-1).float()
         cache = out.past_key_values
-        return (tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers), pad), values
+        keys, vals = tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
+        return (keys, vals, pad), out.last_hidden_state[:, -1]
 
     @staticmethod
     def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,9 +177,9 @@ class SmolVLAPolicy(Pi0Policy):
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 
-    def velocity(self, context, x, t):
-        """The expert on the chunk x (B, chunk*32) at t (B,) against the prefix cache
-        -> velocity (B, chunk*32), raw Flow-Noise std (B, chunk*32), float32."""
+    def expert_hidden(self, context, x, t):
+        """The interleaved expert on the chunk x (B, chunk*32) at t (B,) against the prefix cache
+        -> its output features per action (B, chunk, W)."""
         keys, vals, pad = context
         bb, spec, b = self.backbone, self.spec, x.shape[0]
         chunk = spec.chunk_size
@@ -196,7 +196,4 @@ class SmolVLAPolicy(Pi0Policy):
                  "cross": self.additive(sees_prefix, h.dtype)}
         for layer, k, v in zip(bb.lm_expert.layers, keys, vals):
             h = layer(h, k, v, masks, rotaries)
-        h = bb.lm_expert.norm(h)
-        out = bb.action_out_proj(h)
-        raw = self.noise_head(h) if self.config.method == "noise" else torch.zeros_like(out)
-        return out.float().reshape(b, -1), raw.float().reshape(b, -1)
+        return bb.lm_expert.norm(h)
