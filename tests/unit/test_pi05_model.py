@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers.models.gemma.modeling_gemma import GemmaConfig, GemmaDecoderLayer, GemmaRotaryEmbedding
 
+from vlarl.models.pi0.tiny import tiny_inputs as inputs
 from vlarl.models.pi0.tiny import write_tiny_tokenizer
 from vlarl.models.pi05.family import Pi05
 from vlarl.models.pi05.modeling import AdaRMSDecoderLayer, AdaRMSNorm
@@ -37,19 +38,6 @@ def load(folders, layout="lerobot", **extra):
     for k, v in extra.items():
         OmegaConf.update(cfg, k, v)
     return Pi05().load(folders[layout], cfg)
-
-
-def inputs(model, tokenizer, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    s = model.image_size
-    images = torch.randint(0, 256, (B, s, 2 * s, 3), generator=g, dtype=torch.uint8)
-    proprio = torch.randn(B, 8, generator=g)
-    rows = [model.encode_instruction(tokenizer, t) for t in ("put the black bowl on the plate", "open the drawer")]
-    width = max(map(len, rows))
-    ids, mask = torch.zeros(B, width, dtype=torch.long), torch.zeros(B, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    return images, proprio, ids, mask
 
 
 def gemma_config(width=16):

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from vlarl.models.pi0.family import Pi0
+from vlarl.models.pi0.tiny import tiny_inputs as inputs
 from vlarl.models.pi0.tiny import write_tiny_pi0, write_tiny_tokenizer
 from vlarl.models.registry import default_model_cfg, family_of_folder
 
@@ -36,20 +37,6 @@ def folders(tmp_path_factory):
             "pi05-lerobot": write_tiny_pi0(root / "pi05-lerobot", "lerobot", seed=1, kind="pi05"),
             "pi05-openpi": write_tiny_pi0(root / "pi05-openpi", "openpi", seed=1, kind="pi05"),
             "tokenizer": write_tiny_tokenizer(root / "tokenizer")}
-
-
-def inputs(model, tokenizer, seed: int = 0):
-    """Two observations, two cameras side by side, instructions of different lengths (row 1 left-padded)."""
-    g = torch.Generator().manual_seed(seed)
-    s = model.image_size
-    images = torch.randint(0, 256, (B, s, 2 * s, 3), generator=g, dtype=torch.uint8)
-    proprio = torch.randn(B, 8, generator=g)
-    rows = [model.encode_instruction(tokenizer, t) for t in ("put the black bowl on the plate", "open the drawer")]
-    width = max(map(len, rows))
-    ids, mask = torch.zeros(B, width, dtype=torch.long), torch.zeros(B, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    return images, proprio, ids, mask
 
 
 def reference_inputs(model, images, proprio, ids, mask):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlarl.models.family import FamilyError
+from vlarl.models.pi0.tiny import tiny_inputs as inputs
 from vlarl.models.pi0.tiny import write_tiny_tokenizer
 from vlarl.models.registry import default_model_cfg, family_of_folder
 from vlarl.models.smolvla.family import SmolVLA
@@ -34,18 +35,6 @@ def load_cfg(folders):
 
 def load(folders):
     return SmolVLA().load(folders[0], load_cfg(folders))
-
-
-def inputs(model, tokenizer):
-    g = torch.Generator().manual_seed(0)
-    s = model.image_size
-    rows = [model.encode_instruction(tokenizer, t) for t in ("put the black bowl on the plate", "open the drawer")]
-    width = max(map(len, rows))
-    ids, mask = torch.zeros(B, width, dtype=torch.long), torch.zeros(B, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1  # row 1 left-padded
-    images = torch.randint(0, 256, (B, s, 2 * s, 3), generator=g, dtype=torch.uint8)
-    return images, torch.randn(B, 8, generator=g), ids, mask
 
 
 def rope(x, positions, base=10_000.0):

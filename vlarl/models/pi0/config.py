@@ -84,8 +84,20 @@ class Pi0Stats:
         return a + span / 2, span / 2
 
 
+class StatsDims:
+    """State and action dims of a spec that holds `stats` (pi0, pi0.5, SmolVLA)."""
+
+    @property
+    def state_dim(self) -> int:
+        return len(self.stats.state_mean)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.stats.action_mean)
+
+
 @dataclass
-class Pi0Spec:
+class Pi0Spec(StatsDims):
     layout: str  # "lerobot" | "openpi"
     kind: str  # "pi0" | "pi05"
     vocab_size: int
@@ -104,14 +116,6 @@ class Pi0Spec:
     tokenizer_name: str
     tokenizer_max_length: int
     stats: Pi0Stats = field(repr=False)
-
-    @property
-    def state_dim(self) -> int:
-        return len(self.stats.state_mean)
-
-    @property
-    def action_dim(self) -> int:
-        return len(self.stats.action_mean)
 
 
 def layout_of(config: dict) -> str | None:

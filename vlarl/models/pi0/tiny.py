@@ -78,6 +78,21 @@ def write_tiny_tokenizer(out: str | Path, words: str = LIBERO_WORDS) -> Path:
     return Path(out)
 
 
+def tiny_inputs(model, tokenizer, texts=("put the black bowl on the plate", "open the drawer"), seed: int = 0):
+    """Test inputs for a pi0-style policy: one observation per text, two cameras side by side, the texts'
+    prompts left-padded to the longest -> (images uint8, proprio (B, 8), ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = len(texts), model.image_size
+    images = torch.randint(0, 256, (b, s, 2 * s, 3), generator=g, dtype=torch.uint8)
+    proprio = torch.randn(b, PROPRIO_DIM, generator=g)
+    rows = [model.encode_instruction(tokenizer, t) for t in texts]
+    width = max(map(len, rows))
+    ids, mask = torch.zeros(b, width, dtype=torch.long), torch.zeros(b, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    return images, proprio, ids, mask
+
+
 def tiny_spec(layout: str, image_size: int = 16, chunk_size: int = 10, executed_steps: int = 2,
               vocab_size: int = 128, cameras: int = 2, seed: int = 0, tokenizer_name: str = DEFAULT_TOKENIZER,
               kind: str = "pi0") -> Pi0Spec:

@@ -19,7 +19,15 @@ from pathlib import Path
 from transformers import SmolVLMConfig
 
 from vlarl.models.family import FamilyError
-from vlarl.models.pi0.config import ARCH_FILE, Pi0Stats, _cameras, _json, _lerobot_stats, _tokenizer_step
+from vlarl.models.pi0.config import (
+    ARCH_FILE,
+    Pi0Stats,
+    StatsDims,
+    _cameras,
+    _json,
+    _lerobot_stats,
+    _tokenizer_step,
+)
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"  # configuration_smolvla.py vlm_model_name
 # HuggingFaceTB/SmolVLM2-500M-Video-Instruct's config.json: SmolLM2-360M text model, SigLIP base-patch16-512
@@ -37,7 +45,7 @@ ROPE_THETA = 10_000.0  # smolvlm_with_expert.py apply_rope(max_wavelength=10_000
 
 
 @dataclass
-class SmolVLASpec:
+class SmolVLASpec(StatsDims):
     vlm: dict  # SmolVLMConfig fields (text_config, vision_config, scale_factor, image_token_id)
     num_vlm_layers: int  # the VLM's first layers kept (16 for SmolVLA)
     self_attn_every_n_layers: int  # expert layer i self-attends (jointly with the prefix) when i % n == 0
@@ -57,14 +65,6 @@ class SmolVLASpec:
     stats: Pi0Stats = field(repr=False)
     kind: str = "smolvla"
     layout: str = "lerobot"
-
-    @property
-    def state_dim(self) -> int:
-        return len(self.stats.state_mean)
-
-    @property
-    def action_dim(self) -> int:
-        return len(self.stats.action_mean)
 
     def vlm_config(self) -> SmolVLMConfig:
         """transformers' SmolVLMConfig, cut to num_vlm_layers, with SmolVLA's RoPE base."""
