@@ -97,6 +97,7 @@ class ModelConfig:
     use_proprio: bool = True  # add one prefix token projected from the proprio vector
     lora_rank: int = 0  # LoRA rank on the decoder's attention and MLP; 0 trains all weights
     lora_alpha: int = 16  # LoRA scaling numerator
+    expert_lora_rank: int = 0  # pi0/pi05/smolvla with lora_rank > 0: LoRA rank on the action expert too (0: it trains fully)
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
     mixed_precision: bool = False  # learner: compute in bf16 over float32 parameters (FSDP2 mixed precision; GPU)
     activation_checkpointing: bool = False  # learner: recompute each layer's activations in backward (saves memory)
@@ -452,6 +453,9 @@ def validate_flow(cfg: DictConfig) -> None:
                           "must be >= 0 (0 turns them off).")
     if cfg.model.policy == "flow" and cfg.model.lora_rank > 0:
         raise ConfigError("model.lora_rank > 0 is for token VLAs; a flow VLA trains all weights, set model.lora_rank=0.")
+    if cfg.model.expert_lora_rank < 0 or (cfg.model.expert_lora_rank > 0 and cfg.model.lora_rank <= 0):
+        raise ConfigError(f"model.expert_lora_rank={cfg.model.expert_lora_rank} adds adapters to the action expert "
+                          "beside the decoder's: set model.lora_rank > 0 too (or model.expert_lora_rank=0).")
 
 
 def help_text() -> str:

@@ -117,14 +117,17 @@ def lora_prefixes(state: dict) -> list[str]:
 
 
 def lora_settings(ckpt: Checkpoint) -> dict:
-    """Rank (from the adapter shapes), alpha (from the run config) and peft's scaling alpha / rank."""
+    """Rank (from the adapter shapes; a list when the decoder's and an action expert's differ), alpha (from
+    the run config) and peft's scaling alpha / rank (None with several ranks: each pair scales by its own)."""
     alpha = ckpt.run_config.get("model", {}).get("lora_alpha")
     if alpha is None:
         raise ExportError(f"{ckpt.path / CONFIG_FILE} has no model.lora_alpha, so the adapters' scale is unknown; "
                           f"export a checkpoint written by vlarl's trainer.")
     prefixes = lora_prefixes(ckpt.state)
-    rank = int(ckpt.state[f"{prefixes[0]}.lora_A.default.weight"].shape[0])
-    return {"rank": rank, "alpha": alpha, "scaling": float(alpha) / rank, "modules": len(prefixes)}
+    ranks = sorted({int(ckpt.state[f"{p}.lora_A.default.weight"].shape[0]) for p in prefixes})
+    rank = ranks[0] if len(ranks) == 1 else ranks  # the decoder's and an action expert's may differ
+    return {"rank": rank, "alpha": alpha, "scaling": float(alpha) / ranks[0] if len(ranks) == 1 else None,
+            "modules": len(prefixes)}
 
 
 def check_adapters_fit(state: dict, shapes: dict, base: Path) -> None:
@@ -167,7 +170,7 @@ def merged_state(ckpt: Checkpoint, base: Path, base_model) -> tuple[dict, dict |
         return ckpt.state, None
     check_adapters_fit(ckpt.state, {k: tuple(v.shape) for k, v in base_state.items()}, base)
     lora = lora_settings(ckpt)
-    merged = merge_lora_state_dict(ckpt.state, lora["scaling"])
+    merged = merge_lora_state_dict(ckpt.state, alpha=lora["alpha"])
     frozen = {k.replace(".base_layer.", "."): v for k, v in ckpt.state.items()
               if ".lora_" not in k and not k.startswith(tuple(base_model.lora_trainable))}
     check_base_matches(merged, base_state, base, frozen)

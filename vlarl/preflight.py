@@ -60,11 +60,17 @@ def check_model_folder(cfg: DictConfig) -> None:
             if cfg.model.family is not None and not family_named(cfg.model.family).builds_tiny:
                 raise FamilyError(f"model.family={cfg.model.family} loads checkpoints only; set model.path to a "
                                   "checkpoint folder of that family.")
+            if cfg.model.expert_lora_rank > 0:
+                raise FamilyError("model.expert_lora_rank is for pi0, pi05 and smolvla checkpoints (an action expert); "
+                                  "set model.expert_lora_rank=0 for the tiny models.")
             if cfg.model.value_from != "prefix":
                 raise FamilyError(f"model.value_from={cfg.model.value_from} is for pi0, pi05 and smolvla checkpoints; "
                                   "the tiny models read values from the prefix: set model.value_from=prefix.")
             return
         family = family_of_folder(cfg.model.path, cfg.model.family)
+        if cfg.model.expert_lora_rank > 0 and not family.expert_lora:
+            raise FamilyError(f"model.expert_lora_rank is for models with an action expert (pi0, pi05, smolvla); "
+                              f"{cfg.model.path} holds a {family.name} model: set model.expert_lora_rank=0.")
         if cfg.model.value_from not in family.value_sources:
             raise FamilyError(f"model.value_from={cfg.model.value_from} is not available for {family.name} models; "
                               f"choose one of {', '.join(family.value_sources)}.")

@@ -55,6 +55,8 @@ def test_two_iterations_and_export_in_the_source_layout(ray_local, folders, tmp_
     base, tokenizer = folders
     run_dir = tmp_path / "run"
     extra = ["algo=grpo", "algo.group_size=4"] if algo == "grpo" else []
+    if algo == "ppo" and json.loads((base / "config.json").read_text())["type"] == "smolvla":
+        extra = ["model.lora_rank=2", "model.expert_lora_rank=3"]  # adapters of two ranks, merged for sync and export
     metrics = train(load_run_config([*SMALL, *extra, f"model.path={base}", f"model.tokenizer_path={tokenizer}",
                                      f"trainer.run_dir={run_dir}"]))
     assert len(rows(run_dir)) == 2 and np.isfinite(metrics["actor/pg_loss"])

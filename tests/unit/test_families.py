@@ -205,17 +205,49 @@ def test_loading_twice_gives_the_same_weights(family_folder):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_value_from_expert_only_where_the_family_has_an_expert(tmp_path):
+def test_expert_settings_only_where_the_family_has_an_action_expert(tmp_path):
     from vlarl.config import ConfigError
     from vlarl.preflight import load_run_config
 
-    with pytest.raises(ConfigError, match="model.value_from=expert is for pi0, pi05 and smolvla"):
-        load_run_config(["env=toy", "model.value_from=expert"])
+    expert_lora = ["model.lora_rank=2", "model.expert_lora_rank=3"]
+    for extra, words in ((["model.value_from=expert"], "model.value_from=expert is for pi0, pi05 and smolvla"),
+                         (expert_lora, "model.expert_lora_rank is for pi0, pi05 and smolvla"),
+                         (["model.expert_lora_rank=3"], "set model.lora_rank > 0 too")):
+        with pytest.raises(ConfigError, match=words):
+            load_run_config(["env=toy", *extra])
     folder = tmp_path / "openvla"
     write_openvla(folder)
+    openvla = ["env=toy", f"model.path={folder}", "model.unnorm_key=bridge_orig"]
     with pytest.raises(ConfigError, match="not available for openvla models; choose one of prefix"):
-        load_run_config(["env=toy", f"model.path={folder}", "model.unnorm_key=bridge_orig", "model.value_from=expert"])
+        load_run_config([*openvla, "model.value_from=expert"])
+    with pytest.raises(ConfigError, match="holds a openvla model: set model.expert_lora_rank=0"):
+        load_run_config([*openvla, *expert_lora])
     pi0 = tmp_path / "pi0"
     settings = write_pi0(pi0)
-    cfg = load_run_config(["env=toy", "env.action_chunk=2", f"model.path={pi0}", "model.value_from=expert", *settings])
-    assert cfg.model.value_from == "expert"
+    cfg = load_run_config(["env=toy", "env.action_chunk=2", f"model.path={pi0}", "model.value_from=expert",
+                           *expert_lora, *settings])
+    assert cfg.model.value_from == "expert" and cfg.model.expert_lora_rank == 3
+
+
+def test_expert_lora_adapts_the_action_expert_at_its_own_rank(family_folder):
+    name, folder = family_folder
+    if not FAMILIES[name].expert_lora:
+        pytest.skip(f"{name} has no action expert")
+    model = load_model(folder, model_cfg(name)).model
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    model = apply_lora(model, rank=2, alpha=4, expert_rank=3)
+    expert = model.expert_name + "."
+    ranks = {n.startswith(expert): p.shape[0] for n, p in model.named_parameters() if ".lora_A." in n}
+    assert ranks == {False: 2, True: 3}  # decoder adapters rank 2, expert adapters rank 3
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in trainable if n.startswith(expert))
+    for n, p in model.named_parameters():
+        if ".lora_B." in n:
+            torch.nn.init.normal_(p)
+    state = model.state_dict()
+    merged = merge_lora_state_dict(state, alpha=4)
+    assert merged.keys() == base.keys()
+    a_name = next(n for n in state if n.startswith(expert) and ".lora_A." in n)
+    prefix = a_name.split(".lora_A.")[0]
+    expected = base[prefix + ".weight"] + 4 / 3 * state[prefix + ".lora_B.default.weight"] @ state[a_name]
+    assert torch.allclose(merged[prefix + ".weight"], expected, atol=1e-6)

@@ -107,7 +107,8 @@ class LearnerWorker:
         model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model)
         self.ref_model = None  # the frozen policy RL starts from, taken at the first update (algo.kl_coef > 0)
         if self.cfg.model.lora_rank > 0:
-            model = apply_lora(model, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
+            model = apply_lora(model, self.cfg.model.lora_rank, self.cfg.model.lora_alpha,
+                               self.cfg.model.expert_lora_rank)
         model.to(self.device)
         self.model = shard(model, init_device_mesh(self.device, (self.world_size,)), self.cfg.model)
         _register_forward_methods(self.model)
@@ -259,7 +260,7 @@ class LearnerWorker:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
+        state = merge_lora_state_dict(state, alpha=self.cfg.model.lora_alpha)
         ref, _, _ = load_model(self.model_folder, self.cfg.model)
         ref.load_state_dict(state)
         return ref.to(self.device).eval().requires_grad_(False)
@@ -325,7 +326,7 @@ class LearnerWorker:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_host))
         if transport != "cuda_ipc" and self.rank != 0:
             return 0.0  # cuda_ipc: every rank feeds its colocated worker; otherwise rank 0 feeds them all
-        state = merge_lora_state_dict(state, self.cfg.model.lora_alpha / max(self.cfg.model.lora_rank, 1))
+        state = merge_lora_state_dict(state, alpha=self.cfg.model.lora_alpha)
         gb = float(sum(v.numel() * v.element_size() for v in state.values())) / 1e9
         PUSH[transport](self, state, rollout_workers, version)
         return gb

@@ -88,6 +88,7 @@ def _seeded_head(width: int, out: int, act: nn.Module) -> nn.Sequential:
 class Pi0Policy(FlowPolicy, nn.Module):
     bounded_actions = False  # mean/std-normalised actions: x_0 is not clipped to [-1, 1]
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # PaliGemma's Gemma
+    expert_name = "backbone.model.dit"  # the action expert (model.expert_lora_rank puts adapters here)
     # Trained beside the adapters: vlarl's heads, pi0's action projections and the 300M action expert.
     lora_trainable = ("value_head", "noise_head", "backbone.embed_action_time", "backbone.action_out_proj",
                       "backbone.model.dit")

@@ -50,6 +50,7 @@ class SmolVLA(Family):
     name = "smolvla"
     serves_vllm = False  # its actions come from the action expert, in PyTorch
     value_sources = ("prefix", "expert")
+    expert_lora = True
     supervised = Supervised(flow_matching, 1e-4)  # LeRobot configuration_smolvla.py optimizer_lr
 
     def recognises(self, config: dict, folder: Path | None = None) -> bool:

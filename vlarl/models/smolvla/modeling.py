@@ -115,6 +115,7 @@ class SmolVLABackbone(nn.Module):
 
 class SmolVLAPolicy(Pi0Policy):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the SmolVLM decoder
+    expert_name = "backbone.lm_expert"
     lora_trainable = ("value_head", "noise_head", "backbone.lm_expert", "backbone.state_proj",
                       "backbone.action_in_proj", "backbone.action_out_proj", "backbone.action_time_mlp_in",
                       "backbone.action_time_mlp_out")
