@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -114,7 +115,8 @@ def main() -> None:
             del model
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+    cpu = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else cpu,
                                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
     print(f"wrote {out}")
 
