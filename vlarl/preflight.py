@@ -68,12 +68,13 @@ def check_model_folder(cfg: DictConfig) -> None:
                                   "the tiny models read values from the prefix: set model.value_from=prefix.")
             return
         family = family_of_folder(cfg.model.path, cfg.model.family)
-        if cfg.model.expert_lora_rank > 0 and not family.expert_lora:
-            raise FamilyError(f"model.expert_lora_rank is for models with an action expert (pi0, pi05, smolvla); "
-                              f"{cfg.model.path} holds a {family.name} model: set model.expert_lora_rank=0.")
-        if cfg.model.value_from not in family.value_sources:
-            raise FamilyError(f"model.value_from={cfg.model.value_from} is not available for {family.name} models; "
-                              f"choose one of {', '.join(family.value_sources)}.")
+        if not family.action_expert:
+            if cfg.model.expert_lora_rank > 0:
+                raise FamilyError(f"model.expert_lora_rank is for models with an action expert (pi0, pi05, smolvla); "
+                                  f"{cfg.model.path} holds a {family.name} model: set model.expert_lora_rank=0.")
+            if cfg.model.value_from != "prefix":
+                raise FamilyError(f"model.value_from={cfg.model.value_from} is not available for {family.name} "
+                                  "models; choose model.value_from=prefix.")
         family.check(cfg.model.path, cfg.model)
         per_call = family.actions_per_call(cfg.model.path, cfg.model)
     except FamilyError as e:

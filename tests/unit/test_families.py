@@ -218,7 +218,7 @@ def test_expert_settings_only_where_the_family_has_an_action_expert(tmp_path):
     folder = tmp_path / "openvla"
     write_openvla(folder)
     openvla = ["env=toy", f"model.path={folder}", "model.unnorm_key=bridge_orig"]
-    with pytest.raises(ConfigError, match="not available for openvla models; choose one of prefix"):
+    with pytest.raises(ConfigError, match="not available for openvla models; choose model.value_from=prefix"):
         load_run_config([*openvla, "model.value_from=expert"])
     with pytest.raises(ConfigError, match="holds a openvla model: set model.expert_lora_rank=0"):
         load_run_config([*openvla, *expert_lora])
@@ -231,7 +231,7 @@ def test_expert_settings_only_where_the_family_has_an_action_expert(tmp_path):
 
 def test_expert_lora_adapts_the_action_expert_at_its_own_rank(family_folder):
     name, folder = family_folder
-    if not FAMILIES[name].expert_lora:
+    if not FAMILIES[name].action_expert:
         pytest.skip(f"{name} has no action expert")
     model = load_model(folder, model_cfg(name)).model
     base = {k: v.clone() for k, v in model.state_dict().items()}

@@ -70,8 +70,7 @@ class Family:
     name = ""  # registry key and `model.family` value
     serves_vllm = True  # whether rollout.engine=vllm can serve it (its actions are decoder tokens)
     builds_tiny = False  # whether `build_tiny` makes a model from config alone (model.path=null)
-    value_sources = ("prefix",)  # model.value_from settings the family's models honour
-    expert_lora = False  # whether model.expert_lora_rank applies (an action expert at `model.expert_name`)
+    action_expert = False  # an action expert at `model.expert_name`: model.value_from=expert, model.expert_lora_rank
 
     def recognises(self, config: dict, folder: Path | None = None) -> bool:
         """Whether config.json (and, where the config does not say, the folder's files) is this family's."""

@@ -128,8 +128,7 @@ class Pi0(Family):
     name = "pi0"
     policy = Pi0Policy
     serves_vllm = False  # its actions come from the action expert, in PyTorch
-    value_sources = ("prefix", "expert")
-    expert_lora = True
+    action_expert = True
     supervised = Supervised(flow_matching, 2.5e-5)  # LeRobot configuration_pi0.py optimizer_lr
 
     def policy_args(self, tokenizer) -> dict:

@@ -49,8 +49,7 @@ def load_smolvla(folder: Path, model_cfg) -> Loaded:
 class SmolVLA(Family):
     name = "smolvla"
     serves_vllm = False  # its actions come from the action expert, in PyTorch
-    value_sources = ("prefix", "expert")
-    expert_lora = True
+    action_expert = True
     supervised = Supervised(flow_matching, 1e-4)  # LeRobot configuration_smolvla.py optimizer_lr
 
     def recognises(self, config: dict, folder: Path | None = None) -> bool:
