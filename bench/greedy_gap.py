@@ -1,12 +1,16 @@
-"""Why a weak token policy succeeds more often sampled than greedy, on the same held-out toy episodes.
+"""Why a weak token policy succeeds more often sampled than greedy, and whether it reads the instruction.
 
-Runs in one process (no Ray): builds the tiny token VLA, behaviour-clones it for --bc-steps on
-scripted demonstrations (as the trainer's warm start does), then plays the same 256 held-out
-episodes greedily and sampled (4 draws) and records how episodes end (success, wrong block, time-out),
-how far greedy time-outs move per step, and how much of the first action dimension's mass sits on the
-two extreme bins.
+Runs in one process (no Ray): builds the tiny token VLA, behaviour-clones it on scripted
+demonstrations (as the trainer's warm start does) and, after each of --bc-steps (marks of one warm
+start), plays the same 256 held-out episodes greedily and sampled (4 draws) and records how episodes
+end (success, wrong block, time-out) and the share of block-reaching sampled episodes that reached
+the named block (`reads_instruction`: 1/3 for a policy blind to the instruction with 3 blocks, 1 for
+one that always picks the right block). After the last mark it also records how far greedy
+time-outs move per step and how much of the first action dimension's mass sits on the two extreme
+bins.
 
     .venv/bin/python bench/greedy_gap.py --bc-steps 600 --out bench/results/greedy_gap.json
+    .venv/bin/python bench/greedy_gap.py --bc-steps 1000 1500 2000 2500 3000 --threads 2   # the warm start's curve
 """
 
 from __future__ import annotations
@@ -37,16 +41,23 @@ def outcomes(b: TrajectoryBatch) -> dict:
             "time_out": float((~ended_by_task).mean())}
 
 
+def reads_instruction(sampled: list[dict]) -> float:
+    """Share of block-reaching episodes that reached the named block, over the sampled draws."""
+    hit = sum(o["success"] for o in sampled)
+    return hit / max(hit + sum(o["wrong_block"] for o in sampled), 1e-9)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bc-steps", type=int, default=600)
+    parser.add_argument("--bc-steps", type=int, nargs="+", default=[600], help="warm-start steps to evaluate at")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the result depends on it)")
     parser.add_argument("--run-dir", default="runs/bench_greedy_gap")
     parser.add_argument("--out", default="bench/results/greedy_gap.json")
     args = parser.parse_args()
-    n = 256
+    n, marks = 256, sorted(args.bc_steps)
     cfg = load_config(["env=toy", f"rollout.num_envs={n}", f"trainer.run_dir={args.run_dir}", f"trainer.seed={args.seed}",
-                       "cluster.torch_threads=1"])
+                       f"cluster.torch_threads={args.threads}"])
     folder = prepare_model(cfg, Path(args.run_dir))
     plain = OmegaConf.to_container(cfg, resolve=True)
     learner = LearnerWorker(plain, 0, 1, folder)
@@ -54,13 +65,24 @@ def main() -> int:
     worker = RolloutWorker(plain, 0, folder, n)
     rng = np.random.default_rng((args.seed, 7))
     demos = [worker.demonstrations(rng.integers(0, 4, n).tolist(), rng.integers(0, 10000, n).tolist()) for _ in range(16)]
-    bc = learner.behaviour_clone(TrajectoryBatch.concat(demos), args.bc_steps, 128, 2e-3)
+    tasks, inits = held_out_episodes(4, 10000, 10**9, 0, n)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    worker.engine.load_state_dict(get_model_state_dict(learner.model, options=StateDictOptions(full_state_dict=True)))
-    tasks, inits = held_out_episodes(4, 10000, 10**9, 0, n)
-    greedy = worker.collect(tasks, inits, list(range(n)), 0, greedy=True)
-    sampled = [worker.collect(tasks, inits, list(range(n)), k) for k in range(4)]
+    curve, last = [], {}
+
+    def evaluate(step: int) -> None:
+        if step not in marks:
+            return
+        worker.engine.load_state_dict(get_model_state_dict(learner.model, options=StateDictOptions(full_state_dict=True)))
+        greedy = worker.collect(tasks, inits, list(range(n)), 0, greedy=True)
+        sampled = [outcomes(worker.collect(tasks, inits, list(range(n)), k)) for k in range(4)]
+        curve.append({"bc_steps": step, "greedy": outcomes(greedy), "sampled": sampled,
+                      "reads_instruction": reads_instruction(sampled)})
+        print(json.dumps(curve[-1]), flush=True)
+        last["greedy"] = greedy
+
+    bc = learner.behaviour_clone(TrajectoryBatch.concat(demos), marks[-1], 128, 2e-3, after_step=evaluate)
+    greedy = last["greedy"]
     time_outs = np.nonzero(~greedy.terminated.any(1))[0]
     moves = np.abs(np.diff(greedy.proprio[time_outs, :, :2], axis=1)).sum(-1) / 2  # L1 move per step, board units
     with torch.no_grad():  # the first action dimension's distribution at the first step
@@ -68,8 +90,8 @@ def main() -> int:
         embeds, mask, positions = m.prefix(*worker.engine.model_inputs(obs))
         logits = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
         probs = torch.softmax(m.bin_logits(logits, 1.0), -1)
-    report = {"bc_steps": args.bc_steps, "seed": args.seed, "episodes": n, "bc": bc,
-              "greedy": outcomes(greedy), "sampled": [outcomes(b) for b in sampled],
+    report = {"bc_steps": marks[-1], "seed": args.seed, "threads": args.threads, "episodes": n, "bc": bc,
+              "greedy": curve[-1]["greedy"], "sampled": curve[-1]["sampled"], "curve": curve,
               "greedy_time_out_move_per_step": float(moves.mean()) if len(time_outs) else None,
               "max_move_per_step_l1": 2 * cfg.env.max_move,
               "first_dim_mass_on_extreme_bins": float((probs[:, 0] + probs[:, -1]).mean()),
@@ -78,7 +100,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "curve"}, indent=1))
     return 0
 
 

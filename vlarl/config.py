@@ -47,6 +47,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus
     epochs: int = 4  # PPO epochs over each batch
     minibatch_size: int = 256  # action steps per gradient step (global, split over learner ranks)
+    microbatch_size: int = 0  # action steps per forward/backward on a rank, gradients accumulated to the minibatch; 0 = all at once
     actor_lr: float = 3e-4  # learning rate of the policy parameters
     critic_lr: float = 1e-3  # learning rate of the value head
     max_grad_norm: float = 1.0  # global gradient-norm clip
@@ -370,6 +371,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.rollout.pipeline_stages < 0:
         raise ConfigError(f"rollout.pipeline_stages must be >= 0 (0 = auto, 1 = no pipelining), got "
                           f"{cfg.rollout.pipeline_stages}.")
+    if cfg.algo.microbatch_size < 0:
+        raise ConfigError(f"algo.microbatch_size must be >= 0 (0 runs each rank's share of a minibatch at once), "
+                          f"got {cfg.algo.microbatch_size}.")
     if cfg.rollout.eval_every < 0:
         raise ConfigError(f"rollout.eval_every must be >= 0 (0 turns evaluation off), got {cfg.rollout.eval_every}.")
     if cfg.algo.dynamic_sampling and cfg.algo.group_size < 2:

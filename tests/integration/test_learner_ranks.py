@@ -1,8 +1,10 @@
-"""One learner rank and two FSDP2 ranks (gloo) take the same step on the same batch.
+"""One learner rank, two FSDP2 ranks (gloo), and two ranks accumulating gradients over micro-batches
+take the same step on the same batch.
 
 The learner divides losses by global element counts and multiplies by the world size because FSDP
-averages gradients; if that bookkeeping (or the per-rank slicing of minibatches, or the sharded
-scoring of old log-probs) were off, the two groups would end at different weights.
+averages gradients; if that bookkeeping (or the per-rank slicing of minibatches, the split into
+micro-batches, or the sharded scoring of old log-probs) were off, the groups would end at different
+weights.
 """
 
 from __future__ import annotations
@@ -77,17 +79,19 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path, family):
     initial = load_model(folder, cfg.model).model.state_dict()
 
     results = {}
-    for world_size in (1, 2):
-        learners = [ray.remote(LearnerWorker).options(num_cpus=1).remote(plain, r, world_size, folder)
+    # (ranks, algo.microbatch_size): 16 steps per rank and minibatch in pieces of 5 -> 4 pieces of 4
+    for world_size, micro in ((1, 0), (2, 0), (2, 5)):
+        variant = OmegaConf.to_container(OmegaConf.merge(plain, {"algo": {"microbatch_size": micro}}))
+        learners = [ray.remote(LearnerWorker).options(num_cpus=1).remote(variant, r, world_size, folder)
                     for r in range(world_size)]
         try:
             setup_group(learners)
             metrics = ray.get([l.update.remote(batch, 0) for l in learners])
-            results[world_size] = (full_model_state(learners), metrics)
+            results[world_size, micro] = (full_model_state(learners), metrics)
         finally:
             stop(learners)
 
-    (after1, m1), (after2, m2) = results[1], results[2]
+    (after1, m1), (after2, m2), (after_micro, m_micro) = results[1, 0], results[2, 0], results[2, 5]
     assert set(initial) == set(after1) == set(after2) and initial
     moved = max((after1[k].float() - initial[k].float()).abs().max().item() for k in initial)
     assert moved > 1e-4, f"the update did not move the weights (max change {moved})"
@@ -98,5 +102,10 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path, family):
     # Measured here: 3e-6 at most (k_proj.bias, whose true gradient is zero, so Adam scales
     # rounding noise up), against a largest update of 4e-3.
     assert diffs[worst] < 1e-5, f"1 rank vs 2 ranks differ most in {worst}: {diffs[worst]:.3g} (update {moved:.3g})"
+    micro_diffs = {k: (after1[k].float() - after_micro[k].float()).abs().max().item() for k in after1}
+    worst = max(micro_diffs, key=micro_diffs.get)
+    assert micro_diffs[worst] < 1e-5, (f"1 rank vs 2 ranks in micro-batches of 5 differ most in {worst}: "
+                                       f"{micro_diffs[worst]:.3g} (update {moved:.3g})")
+    assert abs(m_micro[0]["actor/pg_loss"] - m2[0]["actor/pg_loss"]) < 1e-5  # metrics are per-step means either way
     # Both ranks scored the same batch: the kept-step count is global, not per rank.
     assert m1[0]["actor/kept_steps"] == m2[0]["actor/kept_steps"] == m2[1]["actor/kept_steps"] == steps

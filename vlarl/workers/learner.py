@@ -10,6 +10,7 @@ and N ranks take the same step on the same batch.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 
 import numpy as np
@@ -209,29 +210,24 @@ class LearnerWorker:
             advantages = masked_whiten(advantages, keep.float())
         return advantages, returns, keep
 
+    def _microbatches(self, mine: np.ndarray, global_size: int) -> list[np.ndarray]:
+        """This rank's share of a minibatch in algo.microbatch_size pieces (one piece when 0). Every rank
+        makes the same number of pieces (FSDP needs matching forward calls): as many as the smallest
+        share needs, so none is empty."""
+        micro = self.cfg.algo.microbatch_size
+        pieces = 1 if micro <= 0 else max(1, -(-(global_size // self.world_size) // micro))
+        return np.array_split(mine, pieces)
+
     def _minibatch_step(self, inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages, returns,
                         is_weights, warmup, temp) -> dict:
+        """One optimizer step on minibatch `mb` (global step indices), its gradient accumulated over
+        micro-batches: each piece's losses are divided by the whole minibatch's element counts, so the
+        pieces add up to the full-minibatch gradient."""
         a = self.cfg.algo
         mine = self._my_slice(mb)
-        step_inputs = inputs.take(ep[mine], t[mine], tokens[mine], self.device)
-        logprobs, entropy, values, *stats = self.model(*step_inputs, temperature=temp)
-        dev = lambda x: x[mine].to(self.device)  # noqa: E731
-        n_tok = len(mb) * logprobs.shape[1]  # global element counts, so every rank divides alike
-        old = dev(old_logprobs)
-        ones = torch.ones_like(logprobs)
-        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, ones, n_tok, temp)
-        logprobs, old = ratio_units(logprobs, a.ratio_level), ratio_units(old, a.ratio_level)
-        n_ratio, ones = len(mb) * logprobs.shape[1], torch.ones_like(logprobs)
-        adv = dev(advantages)[:, None].expand_as(logprobs)
-        if a.log_ratio_clip > 0:
-            logprobs, clip_metrics = clip_log_ratio(logprobs, old, ones, a.log_ratio_clip)
-            guard_metrics.update(clip_metrics)
-        pg, pm = policy_loss(logprobs, old, adv, ones, a.clip_low, a.clip_high,
-                             is_weights=None if is_weights is None else dev(is_weights), normalizer=n_ratio)
-        vf, vm = value_loss(values, dev(old_values), dev(returns), torch.ones_like(values), a.vf_clip, normalizer=len(mb))
-        ent = entropy.sum() / n_tok
-        loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent + guard_loss
-        (loss * self.world_size).backward()  # FSDP averages gradients over ranks
+        parts = [(len(piece), self._micro_step(inputs, ep, t, tokens, piece, len(mb), old_logprobs, old_values,
+                                               advantages, returns, is_weights, warmup, temp))
+                 for piece in self._microbatches(mine, len(mb))]
         if warmup:  # critic warmup: only the value head moves (VLA-RL)
             for group in self.optimizer.param_groups[:1]:
                 for p in group["params"]:
@@ -240,9 +236,37 @@ class LearnerWorker:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        total = sum(n for n, _ in parts)
+        metrics = {k: sum(n * m[k] for n, m in parts) / total for k in parts[0][1]}  # per-step means, weighted
+        return {**metrics, "actor/grad_norm": float(grad_norm)}
+
+    def _micro_step(self, inputs, ep, t, tokens, piece, global_size, old_logprobs, old_values, advantages, returns,
+                    is_weights, warmup, temp) -> dict:
+        """Forward and backward of one micro-batch (`piece`: global step indices on this rank); the loss is
+        normalised by the minibatch's global counts (`global_size` steps). Returns its metrics."""
+        a = self.cfg.algo
+        step_inputs = inputs.take(ep[piece], t[piece], tokens[piece], self.device)
+        logprobs, entropy, values, *stats = self.model(*step_inputs, temperature=temp)
+        dev = lambda x: x[piece].to(self.device)  # noqa: E731
+        n_tok = global_size * logprobs.shape[1]  # global element counts, so every rank divides alike
+        old = dev(old_logprobs)
+        ones = torch.ones_like(logprobs)
+        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, ones, n_tok, temp)
+        logprobs, old = ratio_units(logprobs, a.ratio_level), ratio_units(old, a.ratio_level)
+        n_ratio, ones = global_size * logprobs.shape[1], torch.ones_like(logprobs)
+        adv = dev(advantages)[:, None].expand_as(logprobs)
+        if a.log_ratio_clip > 0:
+            logprobs, clip_metrics = clip_log_ratio(logprobs, old, ones, a.log_ratio_clip)
+            guard_metrics.update(clip_metrics)
+        pg, pm = policy_loss(logprobs, old, adv, ones, a.clip_low, a.clip_high,
+                             is_weights=None if is_weights is None else dev(is_weights), normalizer=n_ratio)
+        vf, vm = value_loss(values, dev(old_values), dev(returns), torch.ones_like(values), a.vf_clip,
+                            normalizer=global_size)
+        ent = entropy.sum() / n_tok
+        loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent + guard_loss
+        (loss * self.world_size).backward()  # FSDP averages gradients over ranks
         model_stats = {k: float(v) for k, v in stats[0].items()} if stats else {}
-        return {**pm, **vm, **guard_metrics, **model_stats, "actor/entropy": entropy.detach().mean().item(),
-                "actor/grad_norm": float(grad_norm)}
+        return {**pm, **vm, **guard_metrics, **model_stats, "actor/entropy": entropy.detach().mean().item()}
 
     def _guards(self, step_inputs, logprobs, old_logprobs, mask, n_tok, temp) -> tuple[torch.Tensor, dict]:
         """KL penalty to the initial policy (algo.kl_coef), scored by the frozen reference copy."""
@@ -266,8 +290,11 @@ class LearnerWorker:
         return ref.to(self.device).eval().requires_grad_(False)
 
     # ---- behaviour cloning warm start ---------------------------------------------------------
-    def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float) -> dict:
-        """Supervised warm start on demonstration episodes: maximise log-prob of their tokens."""
+    def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float,
+                        after_step: Callable[[int], None] | None = None) -> dict:
+        """Supervised warm start on demonstration episodes: maximise log-prob of their tokens.
+        `after_step(n)` runs after step n (in-process diagnostics: bench/greedy_gap.py evaluates the
+        policy part-way through one warm start)."""
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
         tokens = step_actions(batch, ep, t)
@@ -287,6 +314,8 @@ class LearnerWorker:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach().item() * self.world_size)
+            if after_step is not None:
+                after_step(len(losses))
             if self.rank == 0 and (len(losses) % 200 == 0 or len(losses) == steps):
                 print(f"vlarl: warm start {len(losses)}/{steps} steps, loss {np.mean(losses[-50:]):.3f}", flush=True)
         return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:]))}
