@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from vlarl.faults import SetupError
+from vlarl.workers.learner import LearnerWorker
 from vlarl.workers.rollout import RolloutWorker
-
-
-class SetupError(RuntimeError):
-    """The run directory or the cluster cannot be used as asked; the message says what to do."""
 
 
 def init_ray(cfg: DictConfig) -> None:
@@ -25,11 +22,12 @@ def init_ray(cfg: DictConfig) -> None:
     if address:  # an existing cluster, e.g. under `ray job submit`
         ray.init(address=address, log_to_driver=True)
         return
+    from vlarl.placement import local_resources
+
     c = cfg.cluster
-    needed = c.num_rollout_workers * c.cpus_per_rollout_worker + c.num_learners * c.cpus_per_learner
     # address="local": always a fresh cluster, never silently joining one started by `ray start`.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=c.dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", **local_resources(c),
+             include_dashboard=c.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def check_renderer(cfg: DictConfig) -> None:
@@ -44,41 +42,48 @@ def check_renderer(cfg: DictConfig) -> None:
         raise SetupError(str(e)) from None
 
 
-def start_rollout_workers(cfg: DictConfig, model_folder: str, gpu_pairs=None) -> list:
-    """cluster.num_rollout_workers RolloutWorker actors sharing rollout.num_envs environments; with
-    `gpu_pairs` (colocated_gpus) worker i shares GPU i with learner rank i."""
-    c = cfg.cluster
-    per_worker = cfg.rollout.num_envs // c.num_rollout_workers
+def start_rollout_workers(cfg: DictConfig, model_folder: str, placement) -> list:
+    """cluster.num_rollout_workers RolloutWorker actors sharing rollout.num_envs environments, worker i
+    in bundle i of `placement` (vlarl.placement.Placement)."""
+    return [rollout_worker(cfg, model_folder, placement, i) for i in range(cfg.cluster.num_rollout_workers)]
+
+
+def rollout_worker(cfg: DictConfig, model_folder: str, placement, index: int):
+    """Rollout worker `index` (a lost one is replaced by the trainer, not restarted by Ray: the
+    trainer re-sends the weights and re-collects its episodes)."""
+    per_worker = cfg.rollout.num_envs // cfg.cluster.num_rollout_workers
     plain = OmegaConf.to_container(cfg, resolve=True)
-    gpu = int(c.device == "cuda")
-    return [ray.remote(RolloutWorker).options(num_cpus=c.cpus_per_rollout_worker, max_restarts=3, max_task_retries=1,
-                                              **gpu_share(gpu, gpu_pairs, i))
-            .remote(plain, i, model_folder, per_worker) for i in range(c.num_rollout_workers)]
+    return ray.remote(RolloutWorker).options(**placement.options("rollout", index)).remote(
+        plain, index, model_folder, per_worker)
 
 
-def colocated_gpus(cfg: DictConfig):
-    """A placement group of one bundle per GPU, each holding one rollout worker and one learner rank."""
-    from ray.util.placement_group import placement_group
+def start_learners(cfg: DictConfig, model_folder: str, placement) -> tuple[list, int]:
+    """The FSDP learner group, rank r in bundle r of `placement`, its process group formed; returns
+    (actors in rank order, parameters of the policy). Ranks that do not start within
+    cluster.placement_timeout_s, or a failed setup, kill the whole group and raise."""
+    from vlarl.faults import gather
 
-    c = cfg.cluster
-    bundle = {"GPU": 1, "CPU": c.cpus_per_rollout_worker + c.cpus_per_learner}
-    pg = placement_group([bundle] * c.num_learners, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=120)
-    if not ready:
-        ray.util.remove_placement_group(pg)
-        raise SetupError(f"cluster.colocate=true needs {c.num_learners} bundle(s) of {bundle} and the Ray cluster "
-                         "could not place them in 120 s; check `ray status` for free GPUs and CPUs.")
-    return pg
+    c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
+    learners = [ray.remote(LearnerWorker).options(**placement.options("learner", r))
+                .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
+    try:
+        gather([l.node_id.remote() for l in learners], c.placement_timeout_s)
+        addr, port = ray.get(learners[0].rendezvous_address.remote())
+        num_params = gather([l.setup.remote(addr, port) for l in learners], c.collective_timeout_s)[0]
+    except BaseException:
+        for learner in learners:
+            ray.kill(learner, no_restart=True)
+        raise
+    return learners, num_params
 
 
-def gpu_share(gpu: int, gpu_pairs, index: int) -> dict:
-    """Ray options for actor `index`: a whole GPU, or half of bundle `index`'s GPU when colocated."""
-    if gpu_pairs is None:
-        return {"num_gpus": gpu}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+def on_driver_node() -> dict:
+    """Ray options that keep an actor on the driver's node: the curriculum and the checkpoint actor
+    outlive any other node, and the checkpoints land where the driver's trainer.run_dir is."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"num_gpus": 0.5, "scheduling_strategy": PlacementGroupSchedulingStrategy(
-        placement_group=gpu_pairs, placement_group_bundle_index=index)}
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def release(closable: list, others: list = ()) -> None:

@@ -19,6 +19,19 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("algo", "model", "env", "cluster", "reward")
 
 
+# Presets derive worker counts from their GPU budget: `num_learners: ${vlarl.sub:${cluster.num_gpus},...}`.
+def _sub(a: int, b: int) -> int:
+    return int(a) - int(b)
+
+
+def _mul(a: int, b: int) -> int:
+    return int(a) * int(b)
+
+
+OmegaConf.register_resolver("vlarl.sub", _sub, replace=True)
+OmegaConf.register_resolver("vlarl.mul", _mul, replace=True)
+
+
 class ConfigError(ValueError):
     """A configuration mistake, with a one-sentence message saying how to fix it."""
 
@@ -129,9 +142,13 @@ class EnvConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = "local_cpu"  # cluster preset
+    name: str = "local_cpu"  # cluster preset (conf/cluster/NAME.yaml says the hardware it assumes)
     address: Optional[str] = None  # Ray address; null starts (or joins, under ray job submit) a local cluster
     device: str = "cpu"  # cpu | cuda
+    num_gpus: int = 0  # GPU presets: GPUs divided between rollout workers and learner ranks; 0 = counts given directly
+    rollout_gpus: int = 0  # node_split, multi_node: GPUs for rollout engines; the other num_gpus hold learner ranks
+    num_nodes: int = 1  # multi_node: nodes the preset assumes (num_gpus = num_nodes x gpus_per_node)
+    gpus_per_node: int = 8  # multi_node: GPUs per node
     num_rollout_workers: int = 1  # RolloutWorker actors
     num_learners: int = 1  # FSDP ranks in the learner group
     cpus_per_rollout_worker: float = 1.0  # Ray CPUs reserved per rollout worker
@@ -139,6 +156,16 @@ class ClusterConfig:
     torch_threads: int = 1  # intra-op threads in each actor (2-core boxes oversubscribe quickly)
     dashboard: bool = True  # start the Ray dashboard with a local cluster (http://127.0.0.1:8265)
     colocate: bool = False  # cuda: rollout worker i and learner rank i share GPU i (vLLM sleeps while it trains)
+    # The Ray resource one device is: null = GPU with cluster.device=cuda and none on CPU. A custom
+    # resource (e.g. fake_gpu) places CPU actors exactly as GPU ones would be (tests, dry runs).
+    device_resource: Optional[str] = None
+    rollout_strategy: str = "PACK"  # Ray placement strategy of the rollout workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    learner_strategy: str = "PACK"  # ... of the learner ranks (and of colocated pairs)
+    describe: Optional[str] = None  # --dry-run: plan against NODESxGPUS[:CPUS] (e.g. 2x8:64) instead of the live cluster
+    placement_timeout_s: float = 120.0  # seconds for the cluster to place the actors at start, and for a replacement to start
+    recovery_timeout_s: float = 600.0  # after a lost actor or node: seconds to wait for capacity to rebuild on
+    max_recoveries: int = 10  # lost actors (or stuck collectives) the run recovers from before it stops
+    collective_timeout_s: float = 1800.0  # a learner call or collective (gloo/NCCL) that takes longer is a fault
 
 
 @dataclass
@@ -234,6 +261,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)  # vlarl.sft: supervised training
 
 
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 CHOICES = {  # closed vocabularies checked after composition
     "algo.name": ("ppo", "grpo"),
     "algo.advantage": ("gae", "grpo", "rloo"),
@@ -244,6 +272,8 @@ CHOICES = {  # closed vocabularies checked after composition
     "model.flow.method": ("sde", "sde_all", "noise"),
     "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),
+    "cluster.rollout_strategy": STRATEGIES,
+    "cluster.learner_strategy": STRATEGIES,
     "rollout.engine": ("hf", "vllm"),
     "rollout.weight_transport": ("auto", "object_store", "cuda_ipc", "nccl"),
     "env.render": ("auto", "egl", "osmesa"),
@@ -255,7 +285,9 @@ POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.i
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
-            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor")
+            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor",
+            "cluster.num_nodes", "cluster.gpus_per_node", "cluster.placement_timeout_s", "cluster.recovery_timeout_s",
+            "cluster.collective_timeout_s")
 
 
 def warm_start_lr(cfg: DictConfig) -> float:
@@ -351,6 +383,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value} is not valid; choose one of {', '.join(allowed)}.")
+    check_cluster(cfg)  # before the positive counts: it says which preset key made a count 0
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
@@ -430,9 +463,10 @@ def check_transport(cfg: DictConfig) -> None:
     if transport in ("cuda_ipc", "nccl") and cfg.rollout.engine != "vllm":
         raise ConfigError(f"rollout.weight_transport={transport} feeds a vLLM engine; with rollout.engine=hf use "
                           "rollout.weight_transport=auto or object_store.")
-    if c.colocate and c.device != "cuda":
+    if c.colocate and c.device != "cuda" and not c.device_resource:
         raise ConfigError("cluster.colocate=true shares GPUs between learners and rollout workers and needs "
-                          "cluster.device=cuda; set cluster.colocate=false on CPU.")
+                          "cluster.device=cuda (or a cluster.device_resource standing in for one); set "
+                          "cluster.colocate=false on CPU.")
     if c.colocate and c.num_learners != c.num_rollout_workers:
         raise ConfigError(f"cluster.colocate=true pairs each learner rank with one rollout worker on one GPU, but "
                           f"there are {c.num_learners} learner rank(s) and {c.num_rollout_workers} rollout worker(s); "
@@ -444,6 +478,27 @@ def check_transport(cfg: DictConfig) -> None:
     if transport == "cuda_ipc" and not c.colocate:
         raise ConfigError("rollout.weight_transport=cuda_ipc needs the learner and the engine on one GPU: set "
                           "cluster.colocate=true, or use rollout.weight_transport=nccl.")
+
+
+def check_cluster(cfg: DictConfig) -> None:
+    """The preset's GPU budget and the worker counts agree; the counts it derives are sane."""
+    c = cfg.cluster
+    if min(c.num_gpus, c.rollout_gpus, c.max_recoveries) < 0 or c.cpus_per_rollout_worker < 0 or c.cpus_per_learner < 0:
+        raise ConfigError("cluster.num_gpus, cluster.rollout_gpus, cluster.max_recoveries and the cpus_per_* keys "
+                          "must be >= 0.")
+    if c.num_gpus > 0:
+        if c.colocate and c.rollout_gpus:
+            raise ConfigError(f"cluster={c.name} colocates every rollout worker with a learner rank, so "
+                              f"cluster.rollout_gpus must be 0, got {c.rollout_gpus}.")
+        if not c.colocate and c.rollout_gpus >= c.num_gpus:
+            raise ConfigError(f"cluster={c.name} gives cluster.rollout_gpus={c.rollout_gpus} of cluster.num_gpus="
+                              f"{c.num_gpus} GPUs to rollout engines and none to learner ranks; lower "
+                              "cluster.rollout_gpus or raise cluster.num_gpus.")
+        used = c.num_learners if c.colocate else c.num_rollout_workers + c.num_learners
+        if used != c.num_gpus:
+            raise ConfigError(f"cluster.num_gpus={c.num_gpus} but {c.num_rollout_workers} rollout worker(s) and "
+                              f"{c.num_learners} learner rank(s) take {used} GPU(s); set the GPUs with "
+                              "cluster.num_gpus (and cluster.rollout_gpus) rather than the worker counts.")
 
 
 def validate_flow(cfg: DictConfig) -> None:
@@ -463,7 +518,9 @@ def validate_flow(cfg: DictConfig) -> None:
 
 
 def help_text() -> str:
-    lines = ["usage: python -m vlarl.main [group=option ...] [key=value ...]", "", "groups:"]
+    lines = ["usage: python -m vlarl.main [group=option ...] [key=value ...] [--dry-run]", "",
+             "  --dry-run  print where every actor would run (nodes, devices, weight-sync path) and stop", "",
+             "groups:"]
     for g in GROUPS:
         lines.append(f"  {g}={{{','.join(group_options(g))}}}")
     lines += ["", "options (defaults shown for the default groups):"]

@@ -28,11 +28,10 @@ from vlarl.data.video import write_video
 
 # ---- shared with the trainer ------------------------------------------------------------------
 def greedy_episodes(rollout_workers: list, per_worker: int, episodes: list[tuple[int, int]], seed_iteration: int,
-                    record: int, version: int, resend) -> EvalEpisodes:
+                    record: int, version: int) -> EvalEpisodes:
     """Run `episodes` [(task, init state)] greedily, per_worker at a time on each worker; the first
     `record` come back with videos. The last round is padded with repeats that are then dropped.
-    A worker that Ray restarted comes back with stale weights: `resend()` re-sends them and the round
-    runs again."""
+    (A lost worker raises here; in training the trainer recovers and runs the iteration again.)"""
     import ray
 
     per_round = per_worker * len(rollout_workers)
@@ -45,13 +44,9 @@ def greedy_episodes(rollout_workers: list, per_worker: int, episodes: list[tuple
             start = (r * len(rollout_workers) + i) * per_worker
             chunk = padded[start:start + per_worker]
             jobs.append(([t for t, _ in chunk], [k for _, k in chunk], min(max(record - start, 0), per_worker)))
-        for _ in range(2):
-            results = ray.get([w.evaluate.remote(t, k, seed_iteration + r, rec)
-                               for w, (t, k, rec) in zip(rollout_workers, jobs)])
-            if all(res.weights_version == version for res in results):
-                break
-            resend()
-        else:
+        results = ray.get([w.evaluate.remote(t, k, seed_iteration + r, rec)
+                           for w, (t, k, rec) in zip(rollout_workers, jobs)])
+        if any(res.weights_version != version for res in results):
             raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")
         for i, res in enumerate(results):
             start = (r * len(rollout_workers) + i) * per_worker
@@ -169,6 +164,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
     import ray
 
     from vlarl.cluster import SetupError, check_renderer, init_ray, release, start_rollout_workers
+    from vlarl.placement import Placement
 
     path = Path(checkpoint).resolve()
     run_config, state, base = load_checkpoint(path, base_model)
@@ -185,7 +181,11 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
             raise EvalError(str(e)) from None
         init_ray(cfg)
         per_worker = cfg.rollout.num_envs // cfg.cluster.num_rollout_workers
-        workers = start_rollout_workers(cfg, base)
+        try:
+            placement = Placement(cfg, with_learners=False)
+        except SetupError as e:
+            raise EvalError(str(e)) from None
+        workers = start_rollout_workers(cfg, base, placement)
         try:
             shape = ray.get(workers[0].env_shape.remote())
             task_ids = parse_ids(tasks, shape["num_tasks"], "tasks") or list(range(shape["num_tasks"]))
@@ -193,16 +193,13 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
             inits = parse_ids(init_states, total, "init-states") or list(range(shape["num_init_states"], total))
             episodes = [(t, k) for t in task_ids for k in inits]
             ref = ray.put(state)
-
-            def resend():
-                ray.get([w.load_weights.remote(ref, 1) for w in workers])
-
-            resend()
+            ray.get([w.load_weights.remote(ref, 1) for w in workers])
             print(f"vlarl.eval: {suite}: {len(episodes)} greedy episodes ({len(task_ids)} tasks x {len(inits)} init "
                   f"states) on {len(workers)} worker(s) x {per_worker} envs", flush=True)
-            result = greedy_episodes(workers, per_worker, episodes, 0, videos, 1, resend)
+            result = greedy_episodes(workers, per_worker, episodes, 0, videos, 1)
         finally:
             release(workers)
+            placement.remove()
         rep = report(result, shape["instructions"], suite)
         rep["videos"] = write_videos(result, out_dir / "videos", prefix=f"{suite}_")
         summary["suites"][suite] = rep

@@ -1,4 +1,5 @@
-"""Entry point: `python -m vlarl.main [group=option ...] [key=value ...]` (also under `ray job submit`)."""
+"""Entry point: `python -m vlarl.main [group=option ...] [key=value ...] [--dry-run]` (also under
+`ray job submit`). --dry-run prints where every actor would run and stops."""
 
 from __future__ import annotations
 
@@ -13,11 +14,22 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
     try:
         cfg = load_run_config(argv)
     except ConfigError as e:
         print(f"vlarl: config error: {e}", file=sys.stderr)
         return 2
+    if dry_run:  # the placement only: nothing is started, nothing written
+        from vlarl.placement import PlacementError, dry_run_report
+
+        try:
+            print(dry_run_report(cfg))
+        except PlacementError as e:
+            print(f"vlarl: {e}", file=sys.stderr)
+            return 2
+        return 0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

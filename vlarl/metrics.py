@@ -65,6 +65,23 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=iteration)
 
+    def rewind(self, start: int) -> None:
+        """After a fault, iterations from `start` run again: drop their rows from metrics.jsonl (all
+        rows, the starting report included, when start is 0) and purge them from TensorBoard."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = self.run_dir / "metrics.jsonl"
+        self.jsonl.close()
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in rows if start > 0 and json.loads(line)["iteration"] < start]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+        self.jsonl = open(path, "a", buffering=1)
+        self.tb.close()
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start)
+        self.first_iteration, self.started = None, time.time()
+
     def start_clock(self) -> None:
         """Start timing iterations now (so warm-up work does not inflate s/it and the ETA)."""
         self.started = time.time()

@@ -8,8 +8,11 @@ metrics go to the console, metrics.jsonl, TensorBoard and wandb.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +21,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlarl.algo.advantages import group_filter_mask
-from vlarl.cluster import (SetupError, check_renderer, colocated_gpus, gpu_share, init_ray, release,
-                           start_rollout_workers)
+from vlarl.cluster import (SetupError, check_renderer, init_ray, on_driver_node, release, rollout_worker,
+                           start_learners, start_rollout_workers)
 from vlarl.config import warm_start_lr
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.envs.base import held_out_episodes
+from vlarl.faults import gather, is_fault, probe, settle_nodes, until_alive
 from vlarl.metrics import MetricsLogger, Timer
+from vlarl.placement import Placement
+from vlarl.rollout.weight_sync import describe_transport
 from vlarl.rewards import RewardProvider, make_reward, score
 from vlarl.workers.checkpoint import CheckpointActor
 from vlarl.workers.curriculum import CurriculumManager
-from vlarl.workers.learner import LearnerWorker
 
 
 @dataclass
@@ -37,7 +42,13 @@ class Workers:
     curriculum: object  # CurriculumManager actor handle
     checkpoint: object  # CheckpointActor actor handle
     num_params: int  # parameters of the policy
-    gpu_pairs: object = None  # placement group pairing rollout workers with learner ranks (cluster.colocate)
+    placement: Placement  # the placement groups every rollout worker and learner rank lives in
+    model_folder: str  # the folder every actor loads (replacements too)
+    run_dir: Path
+    log: Callable[[str], None] = print  # the run's console log (set once the logger exists)
+    nodes: dict = field(default_factory=lambda: {"rollout": [], "learner": []})  # node id of each actor (placement.json)
+    faults: dict = field(default_factory=lambda: {"faults/actor_restarts": 0.0, "faults/iterations_replayed": 0.0,
+                                                   "faults/recoveries": 0.0})  # this job's counts
 
 
 def train(cfg: DictConfig) -> dict:
@@ -52,8 +63,11 @@ def train(cfg: DictConfig) -> dict:
     w = start_workers(cfg, prepare_model(cfg, run_dir), run_dir)
     logger = MetricsLogger(run_dir, OmegaConf.to_container(cfg), cfg.trainer.iterations, cfg.trainer.wandb,
                            cfg.trainer.wandb_project)
+    w.log = logger.info
     logger.info(f"vlarl: {w.num_params:,} parameters, {len(w.rollout)} rollout worker(s), "
                 f"{len(w.learners)} learner rank(s); run dir {run_dir}")
+    logger.info(f"vlarl: weight sync {describe_transport(cfg)}")
+    record_placement(w)
     reward = None
     try:
         reward = make_reward(cfg, run_dir)
@@ -66,50 +80,185 @@ def train(cfg: DictConfig) -> dict:
 
 
 def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardProvider) -> dict:
-    start, version, env_steps = resume(cfg, w, logger)
-    # Rollout workers start from the learners' weights; a resumed run keeps its checkpointed version.
-    version = push_weights(w, version if start else version + 1)
-    if start == 0:
-        version = initial_report(cfg, w, logger, version)
-    elif start >= cfg.trainer.iterations:
-        logger.info(f"vlarl: {cfg.trainer.run_dir} already finished {start} iterations; raise trainer.iterations "
-                    "to continue it, or choose a new trainer.run_dir.")
+    start, version, env_steps = begin(cfg, w, logger)
     timer, metrics = Timer(), {}
     logger.start_clock()
-    for it in range(start, cfg.trainer.iterations):
-        with timer("collect"):
-            batch = collect(cfg, w, it, version, frames_wanted(cfg, reward))
-        with timer("reward"):  # the one place rewards are decided, for every policy and algorithm
-            batch = score(reward, batch, it)
-        collected = batch  # what the policy did, before dynamic sampling keeps some of it
-        sampled, steps_collected = rollout_metrics(collected), int(collected.lengths.sum())
-        if cfg.algo.dynamic_sampling:
-            with timer("resample"):
-                batch, more = dynamic_sampling(cfg, w, it, version, reward, batch)
-            sampled.update(more)
-            steps_collected += int(more["rollout/resampled_steps"])
-        with timer("update"):
-            sleep_engines(w)  # colocated vLLM engines give the GPU to the learners until the sync
-            batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
-            metrics = mean_over_ranks(ray.get([l.update.remote(batch_ref, it) for l in w.learners]))
-        with timer("sync"):
-            version = push_weights(w, version + 1)
-        w.curriculum.report.remote(collected.task_ids.tolist(), collected.success.astype(float).tolist())
-        if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
-            with timer("eval"):
-                metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
-        env_steps += steps_collected
-        metrics.update(sampled, **reward.metrics(), **ray.get(w.curriculum.stats.remote()))
-        metrics["env/restarts"] = batch.env_restarts
-        metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
-        if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
-            with timer("checkpoint"):
-                save_checkpoint(cfg, w, it, version, env_steps, metrics["rollout/return"])
-        metrics.update(timer.pop())
-        collect_seconds = metrics["timing/collect"] + metrics.get("timing/resample", 0.0)
-        metrics["perf/env_steps_per_s"] = steps_collected / max(collect_seconds, 1e-9)
-        logger.log(it, metrics)
+    it = start
+    while it < cfg.trainer.iterations:
+        try:
+            metrics, version, env_steps = iteration(cfg, w, logger, reward, timer, it, version, env_steps)
+            it += 1
+        except Exception as e:
+            if not is_fault(e):
+                raise
+            timer.pop()
+            it, version, env_steps = recover(cfg, w, logger, e, it)
     return metrics
+
+
+def iteration(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardProvider, timer: Timer, it: int,
+              version: int, env_steps: int) -> tuple[dict, int, int]:
+    """One iteration: collect, reward, update, sync, evaluate, checkpoint, log. Returns (metrics,
+    weights version, env steps so far)."""
+    with timer("collect"):
+        batch = collect(cfg, w, it, version, frames_wanted(cfg, reward))
+    with timer("reward"):  # the one place rewards are decided, for every policy and algorithm
+        batch = score(reward, batch, it)
+    collected = batch  # what the policy did, before dynamic sampling keeps some of it
+    sampled, steps_collected = rollout_metrics(collected), int(collected.lengths.sum())
+    if cfg.algo.dynamic_sampling:
+        with timer("resample"):
+            batch, more = dynamic_sampling(cfg, w, it, version, reward, batch)
+        sampled.update(more)
+        steps_collected += int(more["rollout/resampled_steps"])
+    with timer("update"):
+        sleep_engines(cfg, w)  # colocated vLLM engines give the GPU to the learners until the sync
+        batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
+        metrics = mean_over_ranks(learners_get(cfg, [l.update.remote(batch_ref, it) for l in w.learners]))
+    with timer("sync"):
+        version = push_weights(cfg, w, version + 1)
+    w.curriculum.report.remote(collected.task_ids.tolist(), collected.success.astype(float).tolist())
+    if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
+        with timer("eval"):
+            metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
+    env_steps += steps_collected
+    metrics.update(sampled, **reward.metrics(), **ray.get(w.curriculum.stats.remote()), **w.faults)
+    metrics["env/restarts"] = batch.env_restarts
+    metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
+    if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
+        with timer("checkpoint"):
+            save_checkpoint(cfg, w, it, version, env_steps, metrics["rollout/return"])
+    metrics.update(timer.pop())
+    collect_seconds = metrics["timing/collect"] + metrics.get("timing/resample", 0.0)
+    metrics["perf/env_steps_per_s"] = steps_collected / max(collect_seconds, 1e-9)
+    logger.log(it, metrics)
+    return metrics, version, env_steps
+
+
+def begin(cfg: DictConfig, w: "Workers", logger: MetricsLogger, rewind: bool = False) -> tuple[int, int, int]:
+    """Restore the latest checkpoint (if any), push its weights, and report the starting policy when
+    the run starts from scratch. `rewind` (after a fault): drop the metrics of the iterations that
+    will run again. Returns (first iteration to run, weights version, env steps so far)."""
+    start, version, env_steps = resume(cfg, w, logger)
+    if rewind:
+        logger.rewind(start)
+    # Rollout workers start from the learners' weights; a resumed run keeps its checkpointed version.
+    version = push_weights(cfg, w, version if start else version + 1)
+    if start == 0:
+        version = initial_report(cfg, w, logger, version)
+    elif start >= cfg.trainer.iterations and not rewind:
+        logger.info(f"vlarl: {cfg.trainer.run_dir} already finished {start} iterations; raise trainer.iterations "
+                    "to continue it, or choose a new trainer.run_dir.")
+    return start, version, env_steps
+
+
+# ---- faults -------------------------------------------------------------------------------------------
+def recover(cfg: DictConfig, w: "Workers", logger: MetricsLogger, error: BaseException, it: int) -> tuple[int, int, int]:
+    """A lost actor, node or collective in iteration `it`: replace what is gone and continue from the
+    last checkpoint. The iterations since then (the interrupted one included) run again, exactly as
+    they first would have: sampling is derived from (seed, iteration)."""
+    w.faults["faults/recoveries"] += 1
+    if w.faults["faults/recoveries"] > cfg.cluster.max_recoveries:
+        raise SetupError(f"{int(w.faults['faults/recoveries'])} faults in this job, more than cluster.max_recoveries="
+                         f"{cfg.cluster.max_recoveries}; the last: {_first_line(error)}. Re-running the command "
+                         "resumes from the last checkpoint.") from error
+    logger.info(f"vlarl: fault in iteration {it + 1}: {_first_line(error)}; recovering")
+    replace_lost(cfg, w)
+    for attempt in range(3):  # a node Ray has not yet marked dead can take a replacement down with it
+        try:
+            start, version, env_steps = begin(cfg, w, logger, rewind=True)
+            break
+        except Exception as e:
+            if not is_fault(e) or attempt == 2:
+                raise
+            replace_lost(cfg, w)
+    replayed = it - start + 1
+    w.faults["faults/iterations_replayed"] += replayed
+    record_placement(w)
+    logger.info(f"vlarl: recovered; continuing at iteration {start + 1} ({replayed} iteration(s) to run again)")
+    return start, version, env_steps
+
+
+def replace_lost(cfg: DictConfig, w: "Workers") -> None:
+    """Replace every rollout worker that does not answer; rebuild the learner group if any rank does not."""
+    rollout_ok, learners_ok = probe(w.rollout), probe(w.learners)
+    lost_nodes = [n for ok, n in zip(rollout_ok + learners_ok, w.nodes["rollout"] + w.nodes["learner"]) if not ok]
+    settle_nodes(lost_nodes, cfg.cluster.recovery_timeout_s)
+    for i, ok in enumerate(rollout_ok):
+        if not ok:
+            replace_rollout_worker(cfg, w, i)
+    if not all(learners_ok):
+        rebuild_learners(cfg, w)
+
+
+def replace_rollout_worker(cfg: DictConfig, w: "Workers", index: int) -> None:
+    """A new rollout worker `index` in its bundle, once Ray has re-placed the bundle on a live node."""
+    ray.kill(w.rollout[index], no_restart=True)
+
+    def make(deadline: float):
+        w.placement.wait(deadline - time.monotonic(), "after a lost rollout worker")
+        worker = rollout_worker(cfg, w.model_folder, w.placement, index)
+        try:
+            gather([worker.env_shape.remote()], min(deadline - time.monotonic(), cfg.cluster.placement_timeout_s))
+        except Exception:
+            ray.kill(worker, no_restart=True)
+            raise
+        return worker
+
+    w.rollout[index] = until_alive(make, cfg.cluster.recovery_timeout_s, f"rollout worker {index}")
+    w.faults["faults/actor_restarts"] += 1
+    record_placement(w)
+    w.log(f"vlarl: rollout worker {index} replaced on node {ray.get(w.rollout[index].node_id.remote())[:12]}")
+
+
+def rebuild_learners(cfg: DictConfig, w: "Workers") -> None:
+    """A process group cannot take a new member: every rank starts again (resume() then loads the
+    checkpoint into them)."""
+    for learner in w.learners:
+        ray.kill(learner, no_restart=True)
+
+    def make(deadline: float):
+        w.placement.wait(deadline - time.monotonic(), "after a lost learner rank")
+        return start_learners(cfg, w.model_folder, w.placement)[0]
+
+    w.learners = until_alive(make, cfg.cluster.recovery_timeout_s, "the learner group")
+    w.faults["faults/actor_restarts"] += len(w.learners)
+    w.log(f"vlarl: learner group rebuilt ({len(w.learners)} rank(s))")
+
+
+def learners_get(cfg: DictConfig, refs: list) -> list:
+    """The results of one call on every learner rank; a lost rank or a call past
+    cluster.collective_timeout_s raises at once (vlarl.faults.gather)."""
+    return gather(refs, cfg.cluster.collective_timeout_s)
+
+
+def record_placement(w: "Workers") -> None:
+    """run_dir/placement.json: the node of every actor, as Ray placed it (null for one that does not
+    answer); rewritten whenever an actor is replaced."""
+    def nodes(actors: list) -> list:
+        out = []
+        for ref in [a.node_id.remote() for a in actors]:
+            try:
+                out.append(ray.get(ref, timeout=30))
+            except Exception:  # lost: the recovery under way replaces it
+                out.append(None)
+        return out
+
+    known = {"rollout": nodes(w.rollout), "learner": nodes(w.learners)}
+    for role, ids in known.items():  # keep the last known node of an actor that does not answer
+        old = w.nodes.get(role, [])
+        w.nodes[role] = [n if n is not None or i >= len(old) else old[i] for i, n in enumerate(ids)]
+    tmp = w.run_dir / f".placement.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, w.run_dir / "placement.json")
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)  # a failed remote call: what failed inside it
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -133,35 +282,25 @@ def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
-    c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
-    gpu = 1 if c.device == "cuda" else 0
-    have = ray.cluster_resources().get("GPU", 0)
-    need = c.num_learners if c.colocate else c.num_rollout_workers + c.num_learners
-    if gpu and have < need:
-        raise SetupError(f"cluster.device=cuda needs {need} GPUs (one per rollout worker and learner rank, or per "
-                         f"pair with cluster.colocate) but the Ray cluster has {have:g}; use cluster.device=cpu or "
-                         "add GPUs.")
-    gpu_pairs = colocated_gpus(cfg) if c.colocate else None
-    rollout = start_rollout_workers(cfg, model_folder, gpu_pairs)
-    if gpu_pairs is not None:  # vLLM measures free GPU memory at start: let it, before the learners allocate
+    placement = Placement(cfg)  # stops with one sentence when the cluster cannot hold the run
+    rollout = start_rollout_workers(cfg, model_folder, placement)
+    if cfg.cluster.colocate:  # vLLM measures free GPU memory at start: let it, before the learners allocate
         ray.get([r.env_shape.remote() for r in rollout])
-    learners = [ray.remote(LearnerWorker).options(num_cpus=c.cpus_per_learner, **gpu_share(gpu, gpu_pairs, r))
-                .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
-    addr, port = ray.get(learners[0].rendezvous_address.remote())
-    num_params = ray.get([l.setup.remote(addr, port) for l in learners])[0]
+    learners, num_params = start_learners(cfg, model_folder, placement)
     env_probe = ray.get(rollout[0].env_shape.remote())
-    curriculum = ray.remote(num_cpus=0)(CurriculumManager).remote(
+    curriculum = ray.remote(CurriculumManager).options(**on_driver_node()).remote(
         env_probe["num_tasks"], env_probe["num_init_states"], cfg.trainer.curriculum_alpha,
         cfg.trainer.curriculum_floor, cfg.trainer.seed)
-    checkpoint = ray.remote(num_cpus=0)(CheckpointActor).remote(str(run_dir), cfg.trainer.keep_last, 0.99, plain)
-    return Workers(rollout, learners, curriculum, checkpoint, num_params, gpu_pairs)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = ray.remote(CheckpointActor).options(**on_driver_node()).remote(str(run_dir), cfg.trainer.keep_last,
+                                                                                0.99, plain)
+    return Workers(rollout, learners, curriculum, checkpoint, num_params, placement, model_folder, run_dir)
 
 
 def stop_workers(w: Workers) -> None:
     """Release the actors (and the learners' process group) so the cluster is free for the next job."""
     release([*w.learners, *w.rollout], [w.curriculum, w.checkpoint])
-    if w.gpu_pairs is not None:
-        ray.util.remove_placement_group(w.gpu_pairs)
+    w.placement.remove()
 
 
 def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int, int]:
@@ -172,7 +311,7 @@ def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int
         return 0, 0, 0
     state = ray.get(w.checkpoint.load.remote(path))
     weights, optim = ray.put(state["model_state"]), ray.put(state["optimizer_state"])  # one copy for all ranks
-    ray.get([l.load_full_state.remote(weights, optim) for l in w.learners])
+    learners_get(cfg, [l.load_full_state.remote(weights, optim) for l in w.learners])
     ray.get(w.curriculum.load_state_dict.remote(state["curriculum_state"]))
     ray.get(w.checkpoint.load_ema_state.remote(state["ema_state"]))
     ts = state["trainer_state"]
@@ -189,7 +328,7 @@ def collect(cfg: DictConfig, w: Workers, iteration: int, version: int, record: i
     groups = np.repeat(np.arange(cfg.rollout.num_envs // g), g)
     parts = np.array_split(np.arange(cfg.rollout.num_envs), len(w.rollout))
     jobs = [([tasks[i] for i in p], [inits[i] for i in p], groups[p].tolist()) for p in parts]
-    return TrajectoryBatch.concat(run_episodes(w, version, jobs, iteration, record), group_offset=False)
+    return TrajectoryBatch.concat(run_episodes(cfg, w, version, jobs, iteration, record), group_offset=False)
 
 
 def dynamic_sampling(cfg: DictConfig, w: Workers, iteration: int, version: int, reward: RewardProvider,
@@ -225,26 +364,44 @@ def frames_wanted(cfg: DictConfig, reward: RewardProvider) -> int:
     return int(round(reward.wants_frames * cfg.rollout.num_envs / cfg.cluster.num_rollout_workers))
 
 
-def run_episodes(w: Workers, version: int, jobs: list, iteration: int, record: int = 0) -> list[TrajectoryBatch]:
-    """jobs[i] = (tasks, inits, groups) for rollout worker i. A worker that Ray restarted comes back
-    with its starting weights: re-send the current ones and run the episodes again."""
-    for _ in range(2):
-        batches = ray.get([r.collect.remote(*job, iteration, record=record) for r, job in zip(w.rollout, jobs)])
-        if all(b.weights_version == version for b in batches):
-            return batches
-        push_weights(w, version)
-    raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")
+def run_episodes(cfg: DictConfig, w: Workers, version: int, jobs: list, iteration: int,
+                 record: int = 0) -> list[TrajectoryBatch]:
+    """jobs[i] = (tasks, inits, groups) for rollout worker i. A worker lost on the way (its process or
+    its node) is replaced, given the current weights, and runs its episodes again: they come out as
+    the lost ones would have (every env's generator is derived from the seed and the iteration)."""
+    out: list = [None] * len(jobs)
+    while True:
+        todo = [i for i, b in enumerate(out) if b is None]
+        refs = {i: w.rollout[i].collect.remote(*jobs[i], iteration, record=record) for i in todo}
+        lost = []
+        for i, ref in refs.items():
+            try:
+                out[i] = gather([ref], cfg.cluster.collective_timeout_s)[0]
+            except Exception as e:
+                if not is_fault(e):
+                    raise
+                lost.append(i)
+        if not lost:
+            break
+        w.log(f"vlarl: rollout worker(s) {lost} lost in iteration {iteration + 1}; collecting their episodes again")
+        for i in lost:
+            replace_rollout_worker(cfg, w, i)
+        push_weights(cfg, w, version)
+    stale = [i for i, b in enumerate(out) if b.weights_version != version]
+    if stale:
+        raise RuntimeError(f"rollout worker(s) {stale} did not take weights version {version}; check the worker logs.")
+    return out
 
 
-def sleep_engines(w: Workers) -> None:
+def sleep_engines(cfg: DictConfig, w: Workers) -> None:
     """vLLM engines that share GPUs with the learners free their memory (no-op otherwise); the next
     weight push or rollout wakes them."""
-    ray.get([r.sleep.remote() for r in w.rollout])
+    gather([r.sleep.remote() for r in w.rollout], cfg.cluster.collective_timeout_s)
 
 
-def push_weights(w: Workers, version: int) -> int:
+def push_weights(cfg: DictConfig, w: Workers, version: int) -> int:
     """Learner rank 0 pushes merged weights to every rollout worker; all ranks join the gather."""
-    ray.get([l.push_weights.remote(w.rollout, version) for l in w.learners])
+    learners_get(cfg, [l.push_weights.remote(w.rollout, version) for l in w.learners])
     return version
 
 
@@ -257,8 +414,7 @@ def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int) -> float
     tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"], probe["num_held_out_states"], 0,
                                      cfg.rollout.eval_episodes)
     result = greedy_episodes(w.rollout, cfg.rollout.num_envs // len(w.rollout), list(zip(tasks, inits)),
-                             10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version,
-                             lambda: push_weights(w, version))
+                             10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version)
     folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
     rep = report(result, probe["instructions"], cfg.env.name)
     rep["videos"] = write_videos(result, folder)
@@ -274,7 +430,7 @@ def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: 
         metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1, version)
     if cfg.trainer.bc_warmup_steps > 0:
         metrics.update(warm_start(cfg, w))
-        version = push_weights(w, version + 1)
+        version = push_weights(cfg, w, version + 1)
         if cfg.rollout.eval_every:
             metrics["eval/success_rate"] = evaluate(cfg, w, -1, version)
     if metrics:
@@ -295,7 +451,7 @@ def warm_start(cfg: DictConfig, w: Workers) -> dict:
                 for r in w.rollout]
         demos += ray.get(refs)
     batch = TrajectoryBatch.concat(demos)
-    out = mean_over_ranks(ray.get([l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.trainer.bc_minibatch_size,
+    out = mean_over_ranks(learners_get(cfg, [l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.trainer.bc_minibatch_size,
                                                             warm_start_lr(cfg))
                                    for l in w.learners]))
     out["bc/demo_success"] = float(batch.success.mean())
@@ -306,7 +462,8 @@ def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, curr
     """update_best before save, so the periodic checkpoint carries the EMA that includes this step."""
     pairs = [l.checkpoint_state.options(num_returns=2).remote() for l in w.learners]
     model_ref, optim_ref = pairs[0]
-    ray.get([p[0] for p in pairs[1:]])  # the other ranks only join the gather
+    learners_get(cfg, [p[0] for p in pairs[1:]])  # the other ranks only join the gather
+    gather([model_ref, optim_ref], cfg.cluster.collective_timeout_s, fetch=False)  # rank 0's state stays in the store
     trainer_state = {"iteration": it + 1, "weights_version": version, "env_steps": env_steps,
                      "seed": cfg.trainer.seed}  # every actor derives its randomness from (seed, iteration)
     curriculum_state = w.curriculum.state_dict.remote()

@@ -18,7 +18,7 @@ vllm = pytest.importorskip("vllm", reason="needs vLLM: pip install 'vlarl[vllm]'
 import ray  # noqa: E402
 
 from vlarl.config import load_config  # noqa: E402
-from vlarl.cluster import colocated_gpus, gpu_share  # noqa: E402
+from vlarl.placement import Placement  # noqa: E402
 from vlarl.trainer import prepare_model  # noqa: E402
 from vlarl.workers.learner import LearnerWorker  # noqa: E402
 from vlarl.workers.rollout import RolloutWorker  # noqa: E402
@@ -42,10 +42,10 @@ def start(run: Path, transport: str, extra: list[str] = ()):
                        f"trainer.run_dir={run}", *extra])
     folder = prepare_model(cfg, run)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    pg = colocated_gpus(cfg) if colocate else None
-    worker = ray.remote(RolloutWorker).options(num_cpus=0.5, **gpu_share(1, pg, 0)).remote(plain, 0, folder, N)
+    pg = Placement(cfg)  # one GPU holding both (cuda_ipc), or one GPU each (nccl)
+    worker = ray.remote(RolloutWorker).options(**pg.options("rollout", 0)).remote(plain, 0, folder, N)
     ray.get(worker.env_shape.remote())  # the engine has measured its GPU memory before the learner takes any
-    learner = ray.remote(LearnerWorker).options(num_cpus=0.5, **gpu_share(1, pg, 0)).remote(plain, 0, 1, folder)
+    learner = ray.remote(LearnerWorker).options(**pg.options("learner", 0)).remote(plain, 0, 1, folder)
     ray.get(learner.setup.remote(*ray.get(learner.rendezvous_address.remote())))
     return cfg, folder, worker, learner, pg
 
@@ -54,8 +54,7 @@ def stop(worker, learner, pg) -> None:
     ray.get([worker.shutdown.remote(), learner.shutdown.remote()])
     ray.kill(worker)
     ray.kill(learner)
-    if pg is not None:
-        ray.util.remove_placement_group(pg)
+    pg.remove()
 
 
 def observations():

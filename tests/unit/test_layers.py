@@ -14,10 +14,10 @@ VLARL = Path(__file__).resolve().parents[2] / "vlarl"
 
 LAYERS = [  # bottom to top
     ["config"],
-    ["algo", "data", "metrics"],
+    ["algo", "data", "metrics", "faults"],
     ["models"],
     ["envs", "rollout", "rewards"],
-    ["workers", "datasets"],  # datasets read demonstrations the envs script and convert
+    ["workers", "datasets", "placement"],  # datasets read demonstrations the envs script and convert
     ["cluster", "preflight", "export"],
     ["eval", "sft"],
     ["trainer"],

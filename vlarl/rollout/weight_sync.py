@@ -52,6 +52,16 @@ def resolve_transport(transport: str, engine: str, device: str, colocate: bool) 
     return "cuda_ipc" if colocate else "nccl"
 
 
+def describe_transport(cfg) -> str:
+    """The weight-sync path of a run in words, for the start-up log and --dry-run."""
+    r, c = cfg.rollout, cfg.cluster
+    transport = resolve_transport(r.weight_transport, r.engine, c.device, c.colocate)
+    how = {"object_store": f"learner rank 0 -> Ray's object store -> {c.num_rollout_workers} rollout worker(s)",
+           "cuda_ipc": "each learner rank hands its GPU's engine CUDA IPC handles (same GPU)",
+           "nccl": f"NCCL broadcast from learner rank 0 to {c.num_rollout_workers} engine(s), across GPUs and nodes"}
+    return f"{transport} ({how[transport]})"
+
+
 @dataclass
 class TensorMeta:
     name: str  # parameter name under LlamaForCausalLM's names

@@ -99,10 +99,18 @@ class LearnerWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (also a liveness ping)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def setup(self, master_addr: str, master_port: int) -> int:
         backend = "nccl" if self.device == "cuda" else "gloo"
+        # A collective that waits longer than this raises instead of hanging: the trainer recovers.
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(minutes=30))
+                                world_size=self.world_size,
+                                timeout=timedelta(seconds=self.cfg.cluster.collective_timeout_s))
         from torch.distributed.device_mesh import init_device_mesh
 
         model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model)
@@ -395,7 +403,7 @@ class LearnerWorker:
 
     def _weight_group(self, workers: list) -> str:
         """The NCCL group of rank 0 and every worker's engine, formed again when a worker is not in it
-        (first push, a worker Ray restarted, another set of workers)."""
+        (first push, a replaced worker, another set of workers)."""
         import ray
 
         token = self._nccl_token

@@ -85,7 +85,7 @@ class RolloutWorker:
         return version
 
     def weight_group_token(self) -> str | None:
-        """The NCCL weight-sync group this engine is in (None: none, e.g. after Ray restarted the actor)."""
+        """The NCCL weight-sync group this engine is in (None: none, e.g. a replacement worker before its first push)."""
         return self.weight_group
 
     def sleep(self) -> None:
@@ -100,6 +100,12 @@ class RolloutWorker:
             close = getattr(thing, "close", None)
             if close:
                 close()
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (also a liveness ping)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def env_shape(self) -> dict:
         """What the driver needs to plan episodes: task and init-state counts, step limit."""
