@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vlarl.config import load_config  # noqa: E402
 from vlarl.envs.base import held_out_episodes  # noqa: E402
+from vlarl.workers.checkpoint import is_complete, read_model_state  # noqa: E402
 from vlarl.workers.rollout import RolloutWorker  # noqa: E402
 
 
@@ -38,9 +38,8 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/flow_modes.json")
     args = parser.parse_args()
     ckpt = Path(args.checkpoint)
-    if not (ckpt / "model.safetensors").is_file() or not (ckpt / "config.json").is_file():
-        parser.error(f"{ckpt} is not a checkpoint directory (model.safetensors and config.json); pass "
-                     "RUN/checkpoints/step_NNNNNN or RUN/best_return.")
+    if not is_complete(str(ckpt)):
+        parser.error(f"{ckpt} is not a complete checkpoint directory; pass RUN/checkpoints/step_NNNNNN or RUN/best_return.")
     run_cfg = json.loads((ckpt / "config.json").read_text())
     if run_cfg["env"]["name"] != "toy":
         parser.error(f"{ckpt} is a {run_cfg['env']['name']} run; this benchmark runs the toy task.")
@@ -49,7 +48,7 @@ def main() -> int:
     OmegaConf.set_readonly(cfg, False)
     cfg.rollout.num_envs = args.episodes
     worker = RolloutWorker(OmegaConf.to_container(cfg, resolve=True), 0, str(base), args.episodes)
-    worker.load_weights(load_file(str(ckpt / "model.safetensors")), 1)
+    worker.load_weights(read_model_state(str(ckpt)), 1)
     env = worker.env
     tasks, inits = held_out_episodes(env.num_tasks, env.num_init_states, env.num_held_out_states, 0, args.episodes)
     success = np.stack([worker.evaluate(tasks, inits, seed).success for seed in range(args.repeats)])

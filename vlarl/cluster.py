@@ -11,7 +11,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from vlarl.faults import SetupError
-from vlarl.workers.learner import LearnerWorker
+from vlarl.workers.learner import LearnerActor
 from vlarl.workers.rollout import RolloutWorker
 
 
@@ -64,7 +64,7 @@ def start_learners(cfg: DictConfig, model_folder: str, placement) -> tuple[list,
     from vlarl.faults import gather
 
     c, plain = cfg.cluster, OmegaConf.to_container(cfg, resolve=True)
-    learners = [ray.remote(LearnerWorker).options(**placement.options("learner", r))
+    learners = [LearnerActor.options(**placement.options("learner", r))
                 .remote(plain, r, c.num_learners, model_folder) for r in range(c.num_learners)]
     try:
         gather([l.node_id.remote() for l in learners], c.placement_timeout_s)

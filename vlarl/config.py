@@ -190,6 +190,9 @@ class TrainerConfig:
     seed: int = 0  # seeds envs, sampling, minibatch order and curriculum
     save_every: int = 1  # checkpoint every N iterations
     keep_last: int = 2  # periodic checkpoints kept
+    # sharded: every learner rank writes its own shard in the background (torch.distributed.checkpoint;
+    # multi-node needs run_dir on a shared filesystem); full: rank 0 gathers everything, one safetensors file
+    checkpoint_format: str = "sharded"
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     bc_warmup_steps: int = 0  # behaviour-cloning steps on scripted demos before RL (toy only)
     bc_episodes: int = 4096  # scripted demonstration episodes for the warm start (about 2.5 steps each)
@@ -280,6 +283,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "reward.name": ("success", "external", "composite", "human"),
     "reward.mode": ("web", "terminal"),
     "data.format": ("auto", "hdf5", "lerobot"),
+    "trainer.checkpoint_format": ("sharded", "full"),
 }
 POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size", "algo.sampling_rounds",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",

@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from vlarl.models.family import DTYPES, FamilyError, Loaded
 from vlarl.models.lora import merge_lora_state_dict
 from vlarl.models.registry import family_of_folder, load_model
-from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_STATE_FILE
+from vlarl.workers.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_DIR, TRAINER_STATE_FILE, is_sharded, read_model_state
 
 METADATA_FILE = "merge_metadata.json"
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
@@ -66,15 +66,15 @@ class Checkpoint:
 
 # ---- reading ------------------------------------------------------------------------------------
 def read_checkpoint(path: Path) -> Checkpoint:
-    from safetensors.torch import load_file
-
+    """A checkpoint of either format (sharded shards are gathered into one state here)."""
     if not path.is_dir():
         raise ExportError(f"checkpoint {path} does not exist; pass a run's best_return or checkpoints/step_NNNNNN folder.")
-    missing = [f for f in (MODEL_FILE, CONFIG_FILE, TRAINER_STATE_FILE) if not (path / f).is_file()]
+    weights = [] if is_sharded(str(path)) or (path / MODEL_FILE).is_file() else [f"{MODEL_FILE} or {STATE_DIR}/"]
+    missing = weights + [f for f in (CONFIG_FILE, TRAINER_STATE_FILE) if not (path / f).is_file()]
     if missing:
         raise ExportError(f"{path} is not a vlarl checkpoint (no {', '.join(missing)}); pass a run's best_return "
                           f"or checkpoints/step_NNNNNN folder.")
-    return Checkpoint(path, load_file(path / MODEL_FILE), json.loads((path / CONFIG_FILE).read_text()),
+    return Checkpoint(path, read_model_state(str(path)), json.loads((path / CONFIG_FILE).read_text()),
                       json.loads((path / TRAINER_STATE_FILE).read_text()))
 
 

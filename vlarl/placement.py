@@ -234,6 +234,13 @@ def dry_run_report(cfg: DictConfig) -> str:
             k = end + 1
     lines.append(f"  weight sync: {describe_transport(cfg)}")
     lines.append("  curriculum and checkpoint actors: the driver's node (they write trainer.run_dir)")
+    learner_nodes = {n for g in placed if g.role in ("learner", "pair") for n in g.nodes}
+    if cfg.trainer.checkpoint_format == "sharded":
+        shared = (f"; the learners are on {len(learner_nodes)} nodes, so trainer.run_dir must be on a filesystem "
+                  "they all mount" if len(learner_nodes) > 1 else "")
+        lines.append(f"  checkpoints: sharded, each learner rank writes its shard into trainer.run_dir{shared}")
+    else:
+        lines.append("  checkpoints: full, gathered on learner rank 0 and written by the checkpoint actor")
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ class Workers:
     nodes: dict = field(default_factory=lambda: {"rollout": [], "learner": []})  # node id of each actor (placement.json)
     faults: dict = field(default_factory=lambda: {"faults/actor_restarts": 0.0, "faults/iterations_replayed": 0.0,
                                                    "faults/recoveries": 0.0})  # this job's counts
+    commit: object = None  # the CheckpointActor.commit in flight (sharded checkpoints), or None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -75,6 +76,12 @@ def train(cfg: DictConfig) -> dict:
     finally:
         if reward is not None:
             reward.close()
+        if w.commit is not None:  # stopped by an error or Ctrl-C: keep the checkpoint whose shards are written
+            try:
+                settle_commit(cfg, w)
+            except Exception as e:
+                logger.info(f"vlarl: the last checkpoint was not committed ({_first_line(e)}); a re-run resumes "
+                            "from the one before")
         logger.close()
         stop_workers(w)
 
@@ -84,10 +91,13 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
     timer, metrics = Timer(), {}
     logger.start_clock()
     it = start
-    while it < cfg.trainer.iterations:
+    while it < cfg.trainer.iterations or w.commit is not None:
         try:
-            metrics, version, env_steps = iteration(cfg, w, logger, reward, timer, it, version, env_steps)
-            it += 1
+            if it < cfg.trainer.iterations:
+                metrics, version, env_steps = iteration(cfg, w, logger, reward, timer, it, version, env_steps)
+                it += 1
+            else:
+                settle_commit(cfg, w)  # the last checkpoint is on disk before the job ends
         except Exception as e:
             if not is_fault(e):
                 raise
@@ -164,6 +174,12 @@ def recover(cfg: DictConfig, w: "Workers", logger: MetricsLogger, error: BaseExc
                          "resumes from the last checkpoint.") from error
     logger.info(f"vlarl: fault in iteration {it + 1}: {_first_line(error)}; recovering")
     replace_lost(cfg, w)
+    try:
+        settle_commit(cfg, w)  # a checkpoint whose shards all reached the disk still counts
+    except Exception as e:
+        if not is_fault(e):
+            raise
+        logger.info(f"vlarl: the checkpoint being written was lost ({_first_line(e)}); resuming from the one before")
     for attempt in range(3):  # a node Ray has not yet marked dead can take a replacement down with it
         try:
             start, version, env_steps = begin(cfg, w, logger, rewind=True)
@@ -310,8 +326,11 @@ def resume(cfg: DictConfig, w: Workers, logger: MetricsLogger) -> tuple[int, int
     if path is None:
         return 0, 0, 0
     state = ray.get(w.checkpoint.load.remote(path))
-    weights, optim = ray.put(state["model_state"]), ray.put(state["optimizer_state"])  # one copy for all ranks
-    learners_get(cfg, [l.load_full_state.remote(weights, optim) for l in w.learners])
+    if "state_dir" in state:  # sharded: every rank reads its part, whatever number of ranks wrote it
+        learners_get(cfg, [l.load_shards.remote(state["state_dir"]) for l in w.learners])
+    else:
+        weights, optim = ray.put(state["model_state"]), ray.put(state["optimizer_state"])  # one copy for all ranks
+        learners_get(cfg, [l.load_full_state.remote(weights, optim) for l in w.learners])
     ray.get(w.curriculum.load_state_dict.remote(state["curriculum_state"]))
     ray.get(w.checkpoint.load_ema_state.remote(state["ema_state"]))
     ts = state["trainer_state"]
@@ -459,16 +478,34 @@ def warm_start(cfg: DictConfig, w: Workers) -> dict:
 
 
 def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, current_return: float) -> None:
-    """update_best before save, so the periodic checkpoint carries the EMA that includes this step."""
+    """Checkpoint step it + 1. Sharded: each rank writes its shard in the background and the
+    checkpoint actor commits the step once all are on disk (settled at the next save or the end of
+    the run). Full: rank 0 gathers the state, the checkpoint actor writes it (update_best first, so
+    the periodic checkpoint carries the EMA that includes this step)."""
+    trainer_state = {"iteration": it + 1, "weights_version": version, "env_steps": env_steps,
+                     "seed": cfg.trainer.seed}  # every actor derives its randomness from (seed, iteration)
+    curriculum_state = w.curriculum.state_dict.remote()
+    if cfg.trainer.checkpoint_format == "sharded":
+        settle_commit(cfg, w)  # the previous save's shards had a whole iteration to reach the disk
+        state_dir = ray.get(w.checkpoint.begin_shards.remote(it + 1))
+        learners_get(cfg, [l.save_shards.remote(state_dir) for l in w.learners])  # back once staged in host memory
+        written = [l.shards_written.remote() for l in w.learners]
+        w.commit = w.checkpoint.commit.remote(it + 1, state_dir, current_return, trainer_state, curriculum_state,
+                                              *written)
+        return
     pairs = [l.checkpoint_state.options(num_returns=2).remote() for l in w.learners]
     model_ref, optim_ref = pairs[0]
     learners_get(cfg, [p[0] for p in pairs[1:]])  # the other ranks only join the gather
     gather([model_ref, optim_ref], cfg.cluster.collective_timeout_s, fetch=False)  # rank 0's state stays in the store
-    trainer_state = {"iteration": it + 1, "weights_version": version, "env_steps": env_steps,
-                     "seed": cfg.trainer.seed}  # every actor derives its randomness from (seed, iteration)
-    curriculum_state = w.curriculum.state_dict.remote()
     ray.get(w.checkpoint.update_best.remote(it + 1, current_return, model_ref, optim_ref, trainer_state, curriculum_state))
     ray.get(w.checkpoint.save.remote(it + 1, model_ref, optim_ref, trainer_state, curriculum_state))
+
+
+def settle_commit(cfg, w: Workers) -> None:
+    """Wait for the sharded checkpoint in flight, if any (bounded like a collective; a lost rank fails it)."""
+    ref, w.commit = w.commit, None
+    if ref is not None:
+        gather([ref], cfg.cluster.collective_timeout_s)
 
 
 # ---- metrics --------------------------------------------------------------------------------------

@@ -51,4 +51,20 @@ def test_nccl_learner_updates_on_cuda(setup):
     after = learner.full_state()[0]
     assert np.isfinite(metrics["actor/pg_loss"])
     assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-6
+
+    # A sharded checkpoint from CUDA shards (staged to host, written in the background) holds
+    # exactly the trained weights, and loading it puts them back into the CUDA shards.
+    from vlarl.workers.checkpoint import STATE_DIR, CheckpointActor, read_model_state
+
+    trained = {k: v.clone() for k, v in after.items()}
+    keeper = CheckpointActor(str(Path(cfg.trainer.run_dir) / "sharded"))
+    state_dir = keeper.begin_shards(1)
+    learner.save_shards(state_dir)
+    path = keeper.commit(1, state_dir, 0.0, {"iteration": 1}, {}, learner.shards_written())
+    on_disk = read_model_state(path)
+    assert set(on_disk) == set(trained) and all(torch.equal(on_disk[k], trained[k]) for k in trained)
+    learner.update(batch, 1)  # move the weights on, then load the checkpoint back
+    learner.load_shards(str(Path(path) / STATE_DIR))
+    restored = learner.full_state()[0]
+    assert all(torch.equal(restored[k], trained[k]) for k in trained)
     learner.shutdown()

@@ -20,7 +20,7 @@ import ray  # noqa: E402
 from vlarl.config import load_config  # noqa: E402
 from vlarl.placement import Placement  # noqa: E402
 from vlarl.trainer import prepare_model  # noqa: E402
-from vlarl.workers.learner import LearnerWorker  # noqa: E402
+from vlarl.workers.learner import LearnerActor  # noqa: E402
 from vlarl.workers.rollout import RolloutWorker  # noqa: E402
 
 N = 16
@@ -45,7 +45,7 @@ def start(run: Path, transport: str, extra: list[str] = ()):
     pg = Placement(cfg)  # one GPU holding both (cuda_ipc), or one GPU each (nccl)
     worker = ray.remote(RolloutWorker).options(**pg.options("rollout", 0)).remote(plain, 0, folder, N)
     ray.get(worker.env_shape.remote())  # the engine has measured its GPU memory before the learner takes any
-    learner = ray.remote(LearnerWorker).options(**pg.options("learner", 0)).remote(plain, 0, 1, folder)
+    learner = LearnerActor.options(**pg.options("learner", 0)).remote(plain, 0, 1, folder)
     ray.get(learner.setup.remote(*ray.get(learner.rendezvous_address.remote())))
     return cfg, folder, worker, learner, pg
 

@@ -17,7 +17,7 @@ from vlarl.config import load_config
 from vlarl.envs import make_env
 from vlarl.models.openvla.tiny import write_tiny_openvla
 from vlarl.models.registry import build_tiny_model, load_model, save_model
-from vlarl.workers.learner import LearnerWorker
+from vlarl.workers.learner import LearnerActor
 from vlarl.workers.rollout import RolloutWorker
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,7 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path, family):
     # (ranks, algo.microbatch_size): 16 steps per rank and minibatch in pieces of 5 -> 4 pieces of 4
     for world_size, micro in ((1, 0), (2, 0), (2, 5)):
         variant = OmegaConf.to_container(OmegaConf.merge(plain, {"algo": {"microbatch_size": micro}}))
-        learners = [ray.remote(LearnerWorker).options(num_cpus=1).remote(variant, r, world_size, folder)
+        learners = [LearnerActor.options(num_cpus=1).remote(variant, r, world_size, folder)
                     for r in range(world_size)]
         try:
             setup_group(learners)

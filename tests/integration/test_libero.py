@@ -197,7 +197,7 @@ def test_an_iteration_completes_despite_a_killed_and_a_stalled_simulator(libero_
     assert metrics["env/restarts"] == 2
     assert metrics["rollout/episodes"] == 3 and metrics["rollout/episode_length"] < 30
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["iteration"] == 0 and (run_dir / "best_return" / "model.safetensors").is_file()
+    assert lines[-1]["iteration"] == 0 and (run_dir / "best_return" / "state" / ".metadata").is_file()
     assert not sim_processes()  # the workers closed their simulators
 
 

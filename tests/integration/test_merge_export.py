@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 import vlarl.models  # noqa: F401  registers the token VLA with the Auto classes
@@ -24,6 +23,8 @@ from vlarl.models.lora import apply_lora
 from vlarl.models.registry import load_model
 from vlarl.rollout.hf_engine import HFEngine
 from vlarl.trainer import train
+
+from test_train import saved_state  # tests/integration is on sys.path (rootdir-relative imports)
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +61,13 @@ def adapter_model(run_dir: Path):
     """The policy as training left it: base model + live LoRA layers + the checkpoint's state."""
     model, _, _ = load_model(run_dir / "base_model")
     model = apply_lora(model, LORA_RANK, load_config([]).model.lora_alpha)
-    model.load_state_dict(load_file(run_dir / "best_return" / "model.safetensors"), strict=True)
+    model.load_state_dict(saved_state(run_dir / "best_return")[0], strict=True)
     return model.eval()
 
 
 def test_merged_folder_acts_like_the_adapter_model(exported):
     run_dir, out = exported
-    state = load_file(run_dir / "best_return" / "model.safetensors")
+    state = saved_state(run_dir / "best_return")[0]
     assert max(state[k].abs().max().item() for k in state if ".lora_B." in k) > 0  # training moved the adapters
 
     merged = AutoModel.from_pretrained(out).eval()  # plain transformers: no vlarl loader, no remote code

@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from test_train import assert_same  # tests/integration is on sys.path (pytest rootdir-relative imports)
+from test_train import assert_same, saved_state  # tests/integration is on sys.path (rootdir-relative imports)
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +38,7 @@ def scenarios(tmp_path_factory):
 
 def final_state(run_dir: Path):
     step = run_dir / "checkpoints" / f"step_{ITERATIONS:06d}"
-    return (load_file(step / "model.safetensors"),
-            torch.load(step / "optimizer.pt", map_location="cpu", weights_only=True),
-            json.loads((step / "trainer_state.json").read_text()))
+    return (*saved_state(step), json.loads((step / "trainer_state.json").read_text()))
 
 
 def test_dry_run_shows_the_live_cluster_and_starts_nothing(scenarios):

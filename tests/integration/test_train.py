@@ -50,6 +50,21 @@ def assert_same(a, b, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+def saved_state(step: Path) -> tuple[dict, dict]:
+    """(model state, optimizer state) of a checkpoint directory, full tensors, in either format; the
+    sharded one read by torch's own consolidation (not vlarl's reader)."""
+    if not (step / "state").is_dir():
+        return (load_file(step / "model.safetensors"),
+                torch.load(step / "optimizer.pt", map_location="cpu", weights_only=True))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = step.parent / f"{step.name}.consolidated.pt"
+    dcp_to_torch_save(step / "state", out)
+    state = torch.load(out, map_location="cpu", weights_only=False)
+    out.unlink()
+    return state["model"], state["optim"]
+
+
 def test_train_end_to_end(ray_local, tmp_path):
     last = run(tmp_path, 2)
 
@@ -67,7 +82,7 @@ def test_train_end_to_end(ray_local, tmp_path):
     assert last["rollout/weights_version"] == rows[1]["rollout/weights_version"]
 
     step = tmp_path / "checkpoints" / "step_000002"
-    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json", "curriculum.json"):
+    for name in ("state/.metadata", "state/__0_0.distcp", "trainer_state.json", "curriculum.json"):
         assert (step / name).is_file(), name
     assert json.loads((step / "trainer_state.json").read_text())["iteration"] == 2
     assert len(json.loads((step / "curriculum.json").read_text())["ema"]) == 4  # env.num_tasks
@@ -89,7 +104,7 @@ def test_train_end_to_end(ray_local, tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "action_stats.json"):
         assert (base / name).is_file(), name
     # Two PPO iterations must have moved the weights away from the base model.
-    before, after = load_file(base / "model.safetensors"), load_file(step / "model.safetensors")
+    before, after = load_file(base / "model.safetensors"), saved_state(step)[0]
     assert set(before) == set(after)
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 1e-4
 
@@ -102,13 +117,11 @@ def test_resume_matches_uninterrupted_run(ray_local, tmp_path):
 
     assert json.loads((b / "checkpoints" / "step_000004" / "trainer_state.json").read_text())["iteration"] == 4
     ca, cb = a / "checkpoints" / "step_000004", b / "checkpoints" / "step_000004"
-    ma, mb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
+    (ma, oa), (mb, ob) = saved_state(ca), saved_state(cb)
     assert set(ma) == set(mb)
     for k in ma:
         assert torch.allclose(ma[k], mb[k], rtol=0, atol=1e-6), f"{k}: max diff {(ma[k] - mb[k]).abs().max()}"
     assert json.loads((ca / "curriculum.json").read_text()) == json.loads((cb / "curriculum.json").read_text())
-    oa = torch.load(ca / "optimizer.pt", map_location="cpu", weights_only=True)
-    ob = torch.load(cb / "optimizer.pt", map_location="cpu", weights_only=True)
     assert oa["state"], "the optimizer state is empty"
     assert_same(oa, ob, "optimizer")
 
@@ -123,13 +136,37 @@ def test_resume_matches_uninterrupted_run(ray_local, tmp_path):
         assert r["critic/vf_loss"] == pytest.approx(ra["critic/vf_loss"], rel=0, abs=1e-6)
 
 
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_sharded_resume_onto_another_rank_count_continues_exactly(ray_local, tmp_path, first, then):
+    """Two iterations on `first` learner ranks, two more resumed on `then`: the sharded checkpoint
+    (resharded on load) gives the same run as the full one (gathered on rank 0, loaded whole)."""
+    def shards(step: int) -> int:
+        return len(list((tmp_path / "sharded" / "checkpoints" / f"step_{step:06d}" / "state").glob("*.distcp")))
+
+    for fmt in ("sharded", "full"):
+        run(tmp_path / fmt, 2, f"cluster.num_learners={first}", f"trainer.checkpoint_format={fmt}")
+        if fmt == "sharded":
+            assert shards(2) == first
+        run(tmp_path / fmt, 4, f"cluster.num_learners={then}", f"trainer.checkpoint_format={fmt}")
+    assert (tmp_path / "full" / "checkpoints" / "step_000004" / "model.safetensors").is_file()
+    assert shards(4) == then
+    (ms, os_), (mf, of) = (saved_state(tmp_path / fmt / "checkpoints" / "step_000004") for fmt in ("sharded", "full"))
+    assert_same(ms, mf, "model")
+    assert_same(os_, of, "optimizer")
+    rows_s, rows_f = metric_rows(tmp_path / "sharded"), metric_rows(tmp_path / "full")
+    assert [r["iteration"] for r in rows_s] == [0, 1, 2, 3]
+    for rs, rf in zip(rows_s, rows_f):
+        assert rs["rollout/success_rate"] == rf["rollout/success_rate"] and rs["env/steps"] == rf["env/steps"]
+        assert rs["actor/pg_loss"] == pytest.approx(rf["actor/pg_loss"], rel=0, abs=1e-6)
+
+
 def test_grpo_one_iteration(ray_local, tmp_path):
     last = run(tmp_path, 1, "algo=grpo", "algo.group_size=4")
     rows = metric_rows(tmp_path)
     assert [r["iteration"] for r in rows] == [0]
     assert math.isfinite(rows[0]["actor/pg_loss"])
     assert last["actor/kept_steps"] > 0
-    assert (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "step_000001" / "state" / ".metadata").is_file()
 
 
 def test_lora_run_pushes_merged_weights(ray_local, tmp_path):
@@ -139,7 +176,7 @@ def test_lora_run_pushes_merged_weights(ray_local, tmp_path):
     row = metric_rows(tmp_path)[1]  # collected with the merged weights pushed after update 1
     assert row["rollout/weights_version"] == 3
     assert row["rollout/logprob_abs_diff"] < 1e-3
-    state = load_file(tmp_path / "checkpoints" / "step_000002" / "model.safetensors")
+    state = saved_state(tmp_path / "checkpoints" / "step_000002")[0]
     assert any(".lora_A." in k for k in state) and any(".lora_B." in k for k in state)
     base = load_file(tmp_path / "base_model" / "model.safetensors")
     frozen = "language_model.model.layers.0.self_attn.q_proj"

@@ -11,7 +11,7 @@ pytest.importorskip("vllm", reason="vLLM is installed by `bash launch/setup.sh d
 
 from vlarl.config import load_config  # noqa: E402
 from vlarl.trainer import prepare_model, train  # noqa: E402
-from vlarl.workers.learner import LearnerWorker  # noqa: E402
+from vlarl.workers.learner import LearnerActor  # noqa: E402
 from vlarl.workers.rollout import RolloutWorker  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def actors(ray_local, tmp_path_factory):
     # Half a CPU each, so the training tests below still find CPUs for their own actors.
     vllm_worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(plain, 0, folder, N)
     hf_worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(hf_plain, 0, folder, N)
-    learner = ray.remote(LearnerWorker).options(num_cpus=0.5).remote(plain, 0, 1, folder)
+    learner = LearnerActor.options(num_cpus=0.5).remote(plain, 0, 1, folder)
     addr, port = ray.get(learner.rendezvous_address.remote())
     ray.get(learner.setup.remote(addr, port))
     yield vllm_worker, hf_worker, learner

@@ -30,20 +30,20 @@ def save_step(ckpt: CheckpointActor, step: int, **trainer_extra):
     return ckpt.save(step, model_state, opt_state, trainer_state, {"ema": [0.5, float(step)]})
 
 
-def assert_nested_equal(a, b):
-    """Compare optimizer state dicts: nested dicts/lists of tensors and numbers."""
+def assert_nested_equal(a, b, where: str = "state"):
+    """Compare (optimizer) state dicts exactly: nested dicts/lists of tensors and numbers."""
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b), where
     elif isinstance(a, dict):
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys(), where
         for k in a:
-            assert_nested_equal(a[k], b[k])
+            assert_nested_equal(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_nested_equal(x, y)
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_equal(x, y, f"{where}[{i}]")
     else:
-        assert a == b
+        assert a == b, where
 
 
 def test_save_load_round_trip(tmp_path):
@@ -52,7 +52,7 @@ def test_save_load_round_trip(tmp_path):
     model_state, opt_state = make_state(5)
     path = ckpt.save(5, model_state, opt_state, {"weights_version": 3}, {"ema": [0.25]})
     assert path == os.path.join(str(tmp_path), "checkpoints", "step_000005")
-    assert sorted(os.listdir(path)) == sorted(checkpoint.REQUIRED_FILES)
+    assert sorted(os.listdir(path)) == sorted(checkpoint.REQUIRED_FILES + checkpoint.FULL_FILES)
     loaded = ckpt.load(path)
     assert loaded["model_state"].keys() == model_state.keys()
     for name, tensor in model_state.items():

@@ -5,6 +5,10 @@ GPU) and shard the model with `fully_shard` per transformer layer. Every rank se
 batch through Ray's object store and works on its slice of each minibatch; losses are divided by
 the global element count and multiplied by the world size (FSDP averages gradients), so one rank
 and N ranks take the same step on the same batch.
+
+Checkpoints are written shard by shard (`save_shards`, in the background over a gloo group of its
+own); `shards_written` runs in a concurrency group of its own, so waiting for the writes does not
+hold up the next call. Make the actor with `LearnerActor.options(...)`, which declares that group.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -28,6 +33,7 @@ from vlarl.models.flow_policy import pack_chains
 from vlarl.rollout.hf_engine import InstructionCache
 from vlarl.rollout.weight_sync import (broadcast_buckets, decoder_weights, export_ipc, gpu_uuid, nccl_group,
                                        plan_buckets, prefix_weights, resolve_transport)
+from vlarl.workers import checkpoint
 
 
 def free_port() -> int:
@@ -91,6 +97,7 @@ class LearnerWorker:
         self.device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
         torch.set_num_threads(self.cfg.cluster.torch_threads)
         self._nccl, self._nccl_token = None, None  # weight-sync NCCL group with the engines (nccl transport)
+        self._shards = None  # the future of a checkpoint shard still being written (save_shards)
 
     # ---- setup -----------------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -111,6 +118,9 @@ class LearnerWorker:
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world_size,
                                 timeout=timedelta(seconds=self.cfg.cluster.collective_timeout_s))
+        # Checkpoint shards are written in a background thread: its collectives get a group of their own.
+        self._checkpoint_group = dist.new_group(backend="gloo",
+                                                timeout=timedelta(seconds=self.cfg.cluster.collective_timeout_s))
         from torch.distributed.device_mesh import init_device_mesh
 
         model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model)
@@ -418,13 +428,38 @@ class LearnerWorker:
         return token
 
     def checkpoint_state(self):
-        """Collective: (model_state, optimizer_state) for the CheckpointActor, filled on rank 0."""
+        """Collective: (model_state, optimizer_state) for the CheckpointActor, filled on rank 0
+        (trainer.checkpoint_format=full)."""
         return self.full_state()
 
+    def save_shards(self, state_dir: str) -> None:
+        """Collective: start writing this rank's shard of the model and optimizer state into state_dir;
+        returns once it is copied to host memory (training may go on), shards_written says when it is
+        on disk."""
+        self.shards_written()  # one save at a time (the trainer commits each before the next)
+        self._shards = checkpoint.save_shards(self.model, self.optimizer, state_dir, self._checkpoint_group)
+
+    @ray.method(concurrency_group="io")
+    def shards_written(self) -> int:
+        """Blocks until this rank's last save_shards is on disk (raising what the write raised); returns the rank."""
+        future = self._shards
+        if future is not None:
+            future.result()
+        return self.rank
+
+    def load_shards(self, state_dir: str) -> None:
+        """Collective: load a sharded checkpoint (written by any number of ranks) into this rank's shards."""
+        checkpoint.load_shards(self.model, self.optimizer, state_dir, self._checkpoint_group)
+
     def shutdown(self) -> None:
+        if self._shards is not None:
+            self._shards.exception()  # let a write in flight finish before its process group goes
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
+# The Ray actor class of a learner rank: shards_written runs beside the other calls.
+LearnerActor = ray.remote(concurrency_groups={"io": 1})(LearnerWorker)
 
 # One push method per rollout.weight_transport (resolved; `auto` never reaches here).
 PUSH = {"object_store": LearnerWorker._push_object_store, "cuda_ipc": LearnerWorker._push_cuda_ipc,
