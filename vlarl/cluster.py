@@ -26,7 +26,8 @@ def init_ray(cfg: DictConfig) -> None:
 
     c = cfg.cluster
     # address="local": always a fresh cluster, never silently joining one started by `ray start`.
-    ray.init(address="local", **local_resources(c),
+    metrics = {} if c.metrics_port is None else {"_metrics_export_port": int(c.metrics_port)}
+    ray.init(address="local", **local_resources(c), **metrics,
              include_dashboard=c.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 

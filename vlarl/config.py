@@ -109,6 +109,9 @@ class ModelConfig:
     center_crop: bool = False  # OpenVLA: 0.9-area centre crop, for checkpoints trained with crop augmentation
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes when building from config
     use_proprio: bool = True  # add one prefix token projected from the proprio vector
+    # attention kernel of learners and the hf engine: auto (FlashAttention-2 for token policies on CUDA in
+    # bfloat16 when flash-attn is installed, else sdpa) | eager | sdpa | flash_attention_2
+    attn_implementation: str = "auto"
     lora_rank: int = 0  # LoRA rank on the decoder's attention and MLP; 0 trains all weights
     lora_alpha: int = 16  # LoRA scaling numerator
     expert_lora_rank: int = 0  # pi0/pi05/smolvla with lora_rank > 0: LoRA rank on the action expert too (0: it trains fully)
@@ -155,6 +158,7 @@ class ClusterConfig:
     cpus_per_learner: float = 1.0  # Ray CPUs reserved per learner rank
     torch_threads: int = 1  # intra-op threads in each actor (2-core boxes oversubscribe quickly)
     dashboard: bool = True  # start the Ray dashboard with a local cluster (http://127.0.0.1:8265)
+    metrics_port: Optional[int] = None  # local cluster: Prometheus endpoint http://127.0.0.1:PORT/metrics (null: Ray picks)
     colocate: bool = False  # cuda: rollout worker i and learner rank i share GPU i (vLLM sleeps while it trains)
     # The Ray resource one device is: null = GPU with cluster.device=cuda and none on CPU. A custom
     # resource (e.g. fake_gpu) places CPU actors exactly as GPU ones would be (tests, dry runs).
@@ -284,6 +288,7 @@ CHOICES = {  # closed vocabularies checked after composition
     "reward.mode": ("web", "terminal"),
     "data.format": ("auto", "hdf5", "lerobot"),
     "trainer.checkpoint_format": ("sharded", "full"),
+    "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"),
 }
 POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.iterations", "trainer.keep_last", "rollout.num_envs", "algo.epochs", "algo.minibatch_size", "algo.sampling_rounds",
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
@@ -387,6 +392,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value} is not valid; choose one of {', '.join(allowed)}.")
+    if cfg.model.attn_implementation == "flash_attention_2" and (cfg.cluster.device != "cuda"
+                                                                  or cfg.model.dtype != "bfloat16"):
+        raise ConfigError("model.attn_implementation=flash_attention_2 runs on CUDA in half precision only: set "
+                          "cluster.device=cuda and model.dtype=bfloat16, or use sdpa (or auto).")
     check_cluster(cfg)  # before the positive counts: it says which preset key made a count 0
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:

@@ -1,8 +1,10 @@
-"""Metrics sinks: a one-line console progress report, metrics.jsonl, TensorBoard and (optionally) wandb."""
+"""Metrics sinks: a one-line console progress report, metrics.jsonl, TensorBoard, Ray dashboard
+gauges and (optionally) wandb."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -28,6 +30,42 @@ class Timer:
         return out
 
 
+# What a person watching a run looks at, as Ray gauges (Prometheus: ray_vlarl_<key with _>{run=...}).
+DASHBOARD = ("iteration", "rollout/success_rate", "rollout/return", "eval/success_rate", "perf/env_steps_per_s",
+             "perf/actions_per_s", "env/steps", "rollout/weights_version", "timing/sync", "timing/collect",
+             "timing/update", "actor/pg_loss", "critic/vf_loss", "actor/approx_kl", "actor/clipfrac", "actor/entropy",
+             "critic/vf_clipfrac", "faults/actor_restarts", "faults/iterations_replayed", "faults/recoveries")
+
+
+def gauge_name(key: str) -> str:
+    """rollout/success_rate -> vlarl_rollout_success_rate (Ray prefixes ray_ in Prometheus)."""
+    return "vlarl_" + re.sub(r"[^A-Za-z0-9_]", "_", key)
+
+
+class DashboardGauges:
+    """The DASHBOARD metrics and the curriculum's per-task sampling probability and success EMA as
+    `ray.util.metrics` gauges, tagged with the run's name, so the Ray dashboard's Metrics view and
+    every node's Prometheus endpoint (`cluster.metrics_port`) show them. Needs a connected Ray."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {key: Gauge(gauge_name(key), description=f"vlarl {key}, per iteration", tag_keys=("run",))
+                       for key in DASHBOARD}
+        self.per_task = {name: Gauge(gauge_name(f"curriculum/task_{name}"), tag_keys=("run", "task"),
+                                     description=f"vlarl curriculum: {name.replace('_', ' ')} of each task")
+                         for name in ("prob", "success_ema")}
+
+    def set(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list[float]] | None = None) -> None:
+        for key, value in {"iteration": iteration, **metrics}.items():
+            if key in self.gauges:
+                self.gauges[key].set(float(value), tags=self.tags)
+        for name, values in (tasks or {}).items():
+            for task, value in enumerate(values):
+                self.per_task[name].set(float(value), tags={**self.tags, "task": str(task)})
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, config: dict, total_iterations: int, use_wandb: bool = False,
                  wandb_project: str = "vlarl", stream=sys.stdout):
@@ -41,6 +79,7 @@ class MetricsLogger:
         self.stream = stream
         self.started = time.time()
         self.first_iteration: int | None = None
+        self.dashboard: DashboardGauges | None = None  # set by the trainer once Ray is up
         self.wandb = None
         if use_wandb:
             try:
@@ -49,9 +88,12 @@ class MetricsLogger:
                 raise RuntimeError("trainer.wandb=true needs the wandb package: pip install 'vlarl[wandb]'.") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(self.run_dir))
 
-    def log(self, iteration: int, metrics: dict[str, float]) -> None:
-        """Write one iteration's metrics everywhere and print the progress line."""
+    def log(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list[float]] | None = None) -> None:
+        """Write one iteration's metrics everywhere and print the progress line; `tasks` (per-task
+        curriculum values) goes to the dashboard only."""
         self.record(iteration, metrics)
+        if self.dashboard is not None:
+            self.dashboard.set(iteration, metrics, tasks)
         self.stream.write(self.progress_line(iteration, metrics) + "\n")
         self.stream.flush()
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from vlarl.config import warm_start_lr
 from vlarl.data.batch import TrajectoryBatch
 from vlarl.envs.base import held_out_episodes
 from vlarl.faults import gather, is_fault, probe, settle_nodes, until_alive
-from vlarl.metrics import MetricsLogger, Timer
+from vlarl.metrics import DashboardGauges, MetricsLogger, Timer
 from vlarl.placement import Placement
 from vlarl.rollout.weight_sync import describe_transport
 from vlarl.rewards import RewardProvider, make_reward, score
@@ -65,6 +68,7 @@ def train(cfg: DictConfig) -> dict:
     logger = MetricsLogger(run_dir, OmegaConf.to_container(cfg), cfg.trainer.iterations, cfg.trainer.wandb,
                            cfg.trainer.wandb_project)
     w.log = logger.info
+    logger.dashboard = DashboardGauges(run_dir.name)
     logger.info(f"vlarl: {w.num_params:,} parameters, {len(w.rollout)} rollout worker(s), "
                 f"{len(w.learners)} learner rank(s); run dir {run_dir}")
     logger.info(f"vlarl: weight sync {describe_transport(cfg)}")
@@ -90,20 +94,57 @@ def loop(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardPro
     start, version, env_steps = begin(cfg, w, logger)
     timer, metrics = Timer(), {}
     logger.start_clock()
-    it = start
-    while it < cfg.trainer.iterations or w.commit is not None:
-        try:
-            if it < cfg.trainer.iterations:
-                metrics, version, env_steps = iteration(cfg, w, logger, reward, timer, it, version, env_steps)
-                it += 1
-            else:
-                settle_commit(cfg, w)  # the last checkpoint is on disk before the job ends
-        except Exception as e:
-            if not is_fault(e):
-                raise
-            timer.pop()
-            it, version, env_steps = recover(cfg, w, logger, e, it)
+    it, end = start, cfg.trainer.iterations
+    with stop_on_signal(logger) as stop:
+        while it < end or w.commit is not None:
+            try:
+                if it < end:
+                    metrics, version, env_steps = iteration(cfg, w, logger, reward, timer, it, version, env_steps)
+                    it += 1
+                    if stop:  # SIGTERM / SIGUSR1 (pre-emption): this iteration is the last of the job
+                        if not saves_at(cfg, it - 1):
+                            save_checkpoint(cfg, w, it - 1, version, env_steps, metrics["rollout/return"])
+                        end = it
+                        logger.info(f"vlarl: stopping after iteration {it} on {stop[0]}; run the same command to "
+                                    "resume from its checkpoint")
+                else:
+                    settle_commit(cfg, w)  # the last checkpoint is on disk before the job ends
+            except Exception as e:
+                if not is_fault(e):
+                    raise
+                timer.pop()
+                it, version, env_steps = recover(cfg, w, logger, e, it)
     return metrics
+
+
+@contextmanager
+def stop_on_signal(logger: MetricsLogger):
+    """Within it, a first SIGTERM or SIGUSR1 (a scheduler pre-empting the job: Slurm's --signal,
+    `ray job stop`, Kubernetes) asks the loop to finish the iteration it is in, checkpoint it and
+    end; a second stops at once (KeyboardInterrupt: the last committed checkpoint stands). Yields
+    the list the signal's name lands in. Signals are only caught on the main thread."""
+    stop: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum, frame):
+        if stop:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        stop.append(signal.Signals(signum).name)
+        logger.info(f"vlarl: {stop[0]}: finishing this iteration and checkpointing it; send it again to stop at once")
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def saves_at(cfg: DictConfig, it: int) -> bool:
+    """Whether iteration `it` (0-based) ends with a checkpoint."""
+    return (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations
 
 
 def iteration(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: RewardProvider, timer: Timer, it: int,
@@ -135,13 +176,14 @@ def iteration(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: Rewa
     metrics.update(sampled, **reward.metrics(), **ray.get(w.curriculum.stats.remote()), **w.faults)
     metrics["env/restarts"] = batch.env_restarts
     metrics.update({"env/steps": env_steps, "rollout/weights_version": version})
-    if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
+    if saves_at(cfg, it):
         with timer("checkpoint"):
             save_checkpoint(cfg, w, it, version, env_steps, metrics["rollout/return"])
     metrics.update(timer.pop())
     collect_seconds = metrics["timing/collect"] + metrics.get("timing/resample", 0.0)
     metrics["perf/env_steps_per_s"] = steps_collected / max(collect_seconds, 1e-9)
-    logger.log(it, metrics)
+    metrics["perf/actions_per_s"] = metrics["perf/env_steps_per_s"] * cfg.env.action_chunk  # actions per policy call
+    logger.log(it, metrics, ray.get(w.curriculum.task_stats.remote()))
     return metrics, version, env_steps
 
 

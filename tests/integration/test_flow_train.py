@@ -14,6 +14,8 @@ from vlarl.config import load_config
 from vlarl.eval import evaluate_checkpoint
 from vlarl.trainer import train
 
+from test_train import saved_state  # tests/integration is on sys.path (rootdir-relative imports)
+
 pytestmark = pytest.mark.integration
 
 SMALL = ["model=tiny_flow", "rollout.num_envs=16", "algo.minibatch_size=64", "algo.epochs=2", "cluster.dashboard=false",
@@ -48,7 +50,7 @@ def test_flow_ppo_on_toy_with_chunks_and_guard_rails(ray_local, tmp_path, method
         assert 0 < x["rollout/episode_length"] <= 5
     assert iters[1]["actor/kl_ref"] > 0  # the policy has left its starting point
     base = load_file(tmp_path / "base_model" / "model.safetensors")
-    after = load_file(tmp_path / "checkpoints" / "step_000002" / "model.safetensors")
+    after = saved_state(tmp_path / "checkpoints" / "step_000002")[0]
     moved = lambda prefix: max((after[k] - base[k]).abs().max().item() for k in base if k.startswith(prefix))  # noqa: E731
     assert moved("expert.velocity_out") > 1e-4 and moved("vision") > 1e-4
     if method == "noise":
@@ -71,6 +73,6 @@ def test_flow_one_libero_iteration(ray_local, tmp_path):
     metrics = train(cfg)
     assert metrics["env/steps"] > 0 and math.isfinite(metrics["actor/pg_loss"])
     assert metrics["rollout/logprob_abs_diff"] < 1e-3
-    state = load_file(tmp_path / "checkpoints" / "step_000001" / "model.safetensors")
+    state = saved_state(tmp_path / "checkpoints" / "step_000001")[0]
     assert any(k.startswith("expert.") for k in state)
     assert torch.isfinite(torch.cat([v.flatten().float() for v in state.values()])).all()

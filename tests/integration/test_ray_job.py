@@ -116,7 +116,7 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
         pytest.fail(f"job {job_id} ended {status}; its logs:\n{logs[-6000:]}")
 
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1
-    assert (run_dir / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_000001" / "state" / ".metadata").is_file()
 
     # The working dir went up without .venv/ and runs/ (.gitignore is honoured): a few hundred KB.
     unpacked = list({p.resolve() for p in temp.glob(f"ray/session_*/runtime_resources/working_dir_files/{package}")})
@@ -138,4 +138,4 @@ def test_plain_run_starts_its_own_cluster_beside_a_ray_start_head(ray_head, tmp_
                            "rollout.num_envs=16", "rollout.eval_every=0", "cluster.dashboard=false"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "step_000001" / "state" / ".metadata").is_file()

@@ -17,6 +17,8 @@ from vlarl.models.tiny_flow.modeling import FlowVLA
 from vlarl.sft import main, train_sft
 from vlarl.trainer import train
 
+from test_train import saved_state  # tests/integration is on sys.path (rootdir-relative imports)
+
 pytestmark = pytest.mark.integration
 
 SMALL_SFT = ["env=toy", "sft.batch_size=32", "sft.log_every=25", "sft.val_every=50", "data.val_fraction=0.15"]
@@ -67,7 +69,7 @@ def test_token_policy_on_libero_hdf5_then_rl(demos, ray_local, tmp_path):
     assert last["rollout/logprob_abs_diff"] < 1e-3  # the engine and the learner hold the SFT weights
     assert not (run_dir / "base_model").exists()  # RL started from the SFT folder, not a fresh model
     start = load_file(out / "final" / "model.safetensors")
-    after = load_file(run_dir / "checkpoints" / "step_000001" / "model.safetensors")
+    after = saved_state(run_dir / "checkpoints" / "step_000001")[0]
     assert set(start) == set(after)
     assert max((start[k] - after[k]).abs().max().item() for k in start) > 0  # and PPO moved them
 

@@ -193,3 +193,36 @@ def test_cli_bad_model_path_stops_before_ray():
     assert len(lines) == 1, proc.stderr
     assert "model.path" in lines[0]
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # stopped before any cluster
+
+
+def test_sigterm_finishes_the_iteration_checkpoints_it_and_resumes(tmp_path):
+    """A pre-empted job (SIGTERM, as from Slurm or `ray job stop`) ends after the iteration it is in,
+    with that iteration checkpointed although trainer.save_every would have skipped it; the same
+    command then resumes from it."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, "-m", "vlarl.main", *SMALL, f"trainer.run_dir={tmp_path}", "trainer.save_every=50"]
+    proc = subprocess.Popen([*args, "trainer.iterations=200"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((tmp_path / "metrics.jsonl").is_file() and len(metric_rows(tmp_path)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach iteration 2"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    done = len(metric_rows(tmp_path))
+    assert f"vlarl: stopping after iteration {done} on SIGTERM" in out
+    step = tmp_path / "checkpoints" / f"step_{done:06d}"
+    assert json.loads((step / "trainer_state.json").read_text())["iteration"] == done
+    assert (step / "state" / ".metadata").is_file()
+    again = subprocess.run([*args, f"trainer.iterations={done + 1}"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {step} at iteration {done + 1}" in again.stdout
+    assert [r["iteration"] for r in metric_rows(tmp_path)] == list(range(done + 1))

@@ -94,4 +94,4 @@ def test_a_training_iteration_runs_with_the_vllm_engine(ray_local, tmp_path, env
     metrics = train(load_config([*SMALL, f"env={env}", "rollout.engine=vllm", "trainer.iterations=1",
                                  f"trainer.run_dir={tmp_path}", *extra]))
     assert metrics["rollout/weights_version"] == 2 and metrics["rollout/logprob_abs_diff"] < 1e-3
-    assert (tmp_path / "best_return" / "model.safetensors").is_file()
+    assert (tmp_path / "best_return" / "state" / ".metadata").is_file()

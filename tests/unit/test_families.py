@@ -251,3 +251,26 @@ def test_expert_lora_adapts_the_action_expert_at_its_own_rank(family_folder):
     prefix = a_name.split(".lora_A.")[0]
     expected = base[prefix + ".weight"] + 4 / 3 * state[prefix + ".lora_B.default.weight"] @ state[a_name]
     assert torch.allclose(merged[prefix + ".weight"], expected, atol=1e-6)
+
+
+def test_attention_kernels_score_alike(family_folder):
+    """model.attn_implementation reaches every transformers model inside the policy, and eager and
+    SDPA attention give the learner the same log-probs and values (float32)."""
+    from vlarl.models.attention import attention_of, set_attention
+
+    name, folder = family_folder
+    model, tokenizer, action_tokenizer = load_model(folder, model_cfg(name))
+    engine = make_engine(model, tokenizer, action_tokenizer, "cpu")
+    obs = observations(model, 2)
+    obs["instruction"] = ["move to the red block", "red"]  # padding: the mask paths differ per kernel
+    out = engine.generate(obs, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    scores = {}
+    for kernel in ("eager", "sdpa"):
+        assert set_attention(model, kernel, "cpu") == kernel and attention_of(model) == {kernel}
+        with torch.no_grad():
+            scores[kernel] = model(*engine.model_inputs(obs), scored_actions(out), temperature=1.0)
+    for i in (0, 2):  # log-probs, values
+        np.testing.assert_allclose(scores["eager"][i].numpy(), scores["sdpa"][i].numpy(), atol=1e-5, rtol=0)
+    assert set_attention(model, "auto", "cpu") == "sdpa"  # no FlashAttention-2 on a CPU
+    with pytest.raises(ValueError, match="flash_attention_2 cannot be used here"):
+        set_attention(model, "flash_attention_2", "cpu")

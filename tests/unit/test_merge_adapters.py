@@ -33,7 +33,7 @@ from vlarl.models.tiny_flow.modeling import FlowVLA
 from vlarl.models.tiny_token.modeling import TokenVLA
 from vlarl.rollout.flow_engine import FlowEngine
 from vlarl.rollout.hf_engine import HFEngine
-from vlarl.workers.checkpoint import CheckpointActor
+from vlarl.workers.checkpoint import CheckpointActor, save_shards
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "merge_adapters.py"
@@ -44,8 +44,10 @@ def tiny(cfg, seed: int = 0):
     return build_tiny_model(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), seed)
 
 
-def write_run(run_dir: Path, lora_rank: int, base_seed: int = 0, model_preset: str = "tiny_token") -> TokenVLA:
-    """A run folder as the trainer leaves it: base_model/ and best_return/ with moved weights.
+def write_run(run_dir: Path, lora_rank: int, base_seed: int = 0, model_preset: str = "tiny_token",
+              sharded: bool = False) -> TokenVLA:
+    """A run folder as the trainer leaves it: base_model/ and best_return/ with moved weights, in the
+    full format or (sharded) as torch.distributed.checkpoint shards with an optimizer state.
     Returns the trained model (with live LoRA layers when lora_rank > 0)."""
     cfg = load_config(["env=toy", f"model={model_preset}", f"model.lora_rank={lora_rank}", f"trainer.run_dir={run_dir}"])
     loaded = build_tiny_model(cfg.model, IMAGE_SIZE, ToyEnv(1).instructions(), base_seed)
@@ -59,6 +61,12 @@ def write_run(run_dir: Path, lora_rank: int, base_seed: int = 0, model_preset: s
             if "lora_B" in name or name.startswith(("projector", "value_head")) or not lora_rank:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     keeper = CheckpointActor(str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+    if sharded:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        state_dir = keeper.begin_shards(3)
+        save_shards(model, optimizer, state_dir, None).result()
+        keeper.commit(3, state_dir, 0.5, {"iteration": 3}, {}, 0)
+        return model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     keeper.update_best(3, 0.5, state, {}, {"iteration": 3}, {})
     return model.eval()
@@ -295,3 +303,15 @@ def test_killed_export_leaves_no_output_and_the_next_run_cleans_up(lora_run, tmp
     export(run_dir / "best_return", out)
     assert (out / "merge_metadata.json").is_file()
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_sharded_checkpoint_exports_exactly_like_the_full_one(tmp_path, lora_rank):
+    """The export gathers a sharded checkpoint into the same folder a full one gives."""
+    outs = []
+    for fmt in ("full", "sharded"):
+        write_run(tmp_path / fmt, lora_rank=lora_rank, sharded=fmt == "sharded")
+        assert (tmp_path / fmt / "best_return" / ("state" if fmt == "sharded" else "model.safetensors")).exists()
+        outs.append(export(tmp_path / fmt / "best_return", tmp_path / f"{fmt}_policy"))
+    full, sharded = (load_file(out / "model.safetensors") for out in outs)
+    assert set(full) == set(sharded) and all(torch.equal(full[k], sharded[k]) for k in full)

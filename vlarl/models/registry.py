@@ -64,12 +64,18 @@ def tiny_family(model_cfg) -> Family:
     return family_named(model_cfg.family or ("tiny_flow" if model_cfg.policy == "flow" else "tiny_token"))
 
 
-def load_model(folder: str | Path, model_cfg=None) -> Loaded:
+def load_model(folder: str | Path, model_cfg=None, device: str | None = None) -> Loaded:
     """Load a model folder through its family; `model_cfg` is the run's `model` section (dtype,
-    family override, sampler settings, ...), the schema's defaults when None."""
+    family override, sampler settings, ...), the schema's defaults when None. With `device` (where
+    the model will run) its attention kernel is set from model.attn_implementation."""
     model_cfg = model_cfg if model_cfg is not None else default_model_cfg()
     folder = Path(folder)
-    return family_of_folder(folder, model_cfg.family).load(folder, model_cfg)
+    loaded = family_of_folder(folder, model_cfg.family).load(folder, model_cfg)
+    if device is not None:
+        from vlarl.models.attention import set_attention
+
+        set_attention(loaded.model, model_cfg.attn_implementation, device)
+    return loaded
 
 
 def build_tiny_model(model_cfg, image_size: int, instructions: list[str], seed: int = 0, action_chunk: int = 1

@@ -128,6 +128,10 @@ class CurriculumManager:
             "curriculum/tasks_seen": float(sum(1 for c in self._counts if c > 0)),
         }
 
+    def task_stats(self) -> dict[str, list[float]]:
+        """Per task: sampling probability and success EMA (for the dashboard)."""
+        return {"prob": self.probs().tolist(), "success_ema": [float(e) for e in self._ema]}
+
     def state_dict(self) -> dict:
         """JSON-able state: EMAs, episode counts and the config they were built under."""
         return {

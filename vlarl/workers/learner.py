@@ -123,7 +123,7 @@ class LearnerWorker:
                                                 timeout=timedelta(seconds=self.cfg.cluster.collective_timeout_s))
         from torch.distributed.device_mesh import init_device_mesh
 
-        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model)
+        model, tokenizer, self.action_tokenizer = load_model(self.model_folder, self.cfg.model, self.device)
         self.ref_model = None  # the frozen policy RL starts from, taken at the first update (algo.kl_coef > 0)
         if self.cfg.model.lora_rank > 0:
             model = apply_lora(model, self.cfg.model.lora_rank, self.cfg.model.lora_alpha,
@@ -303,7 +303,7 @@ class LearnerWorker:
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         state = merge_lora_state_dict(state, alpha=self.cfg.model.lora_alpha)
-        ref, _, _ = load_model(self.model_folder, self.cfg.model)
+        ref, _, _ = load_model(self.model_folder, self.cfg.model, self.device)
         ref.load_state_dict(state)
         return ref.to(self.device).eval().requires_grad_(False)
 

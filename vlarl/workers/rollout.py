@@ -33,7 +33,7 @@ class RolloutWorker:
         self.index = index
         torch.set_num_threads(self.cfg.cluster.torch_threads)
         device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
-        loaded = load_model(model_folder, self.cfg.model)
+        loaded = load_model(model_folder, self.cfg.model, device)
         model, tokenizer, action_tokenizer = loaded
         # Per-benchmark image preprocessing the family asks for (e.g. OpenVLA's LIBERO resize), applied once
         # per frame here so the engine, the stored batch and hence the learner all see the same pixels.
