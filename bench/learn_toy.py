@@ -9,6 +9,10 @@ a random block ignoring the instruction (so beating it shows the policy reads th
 
     .venv/bin/python bench/learn_toy.py --out bench/results/learn_toy.json [--algos ppo grpo]
     .venv/bin/python bench/learn_toy.py --model tiny_token tiny_flow --algos ppo --out bench/results/learn_toy_models.json
+    .venv/bin/python bench/learn_toy.py --model openvla_oft --algos ppo --out bench/results/learn_toy_oft.json
+
+`openvla_oft` is a tiny folder in the OFT layout (vlarl.models.openvla_oft.tiny, discrete head) read
+with a chunk of 4 actions per call and one camera, written under --run-root first.
 
 The report holds runs[model][algo]: the success curve, wall time and parameter count of each.
 """
@@ -39,7 +43,22 @@ PRESETS = {"ppo": ["algo=ppo", *COMMON], "grpo": ["algo=grpo", *COMMON]}
 # RL moves it at a smaller actor rate after 5 critic-only iterations (VLA-RL's warmup), which keeps
 # the sampled policy's success from dipping while the fresh critic learns.
 MODELS = {"tiny_token": ["model=tiny_token"],
-          "tiny_flow": ["model=tiny_flow", "algo.log_ratio_clip=5.0", "algo.actor_lr=1e-4", "algo.critic_warmup_iters=5"]}
+          "tiny_flow": ["model=tiny_flow", "algo.log_ratio_clip=5.0", "algo.actor_lr=1e-4", "algo.critic_warmup_iters=5"],
+          # OFT-shaped: parallel decoding of 4-action chunks (28 placeholders), full weights, 56-px camera
+          "openvla_oft": ["model=openvla_oft", "model.oft.chunk=4", "env.action_chunk=4", "model.oft.num_images=1",
+                          "model.lora_rank=0", "model.unnorm_key=libero_spatial_no_noops"]}
+
+
+def model_overrides(model: str, root: Path) -> list[str]:
+    """MODELS[model], plus the folder it loads for checkpoint-format models (written once under root)."""
+    if model != "openvla_oft":
+        return MODELS[model]
+    from vlarl.models.openvla_oft.tiny import write_tiny_oft
+
+    folder = root / "openvla_oft_base"
+    if not (folder / "config.json").is_file():
+        write_tiny_oft(folder, "discrete", image_size=56)
+    return [*MODELS[model], f"model.path={folder}"]
 
 
 def baselines(cfg, episodes: int, seed: int = 0) -> dict:
@@ -90,7 +109,7 @@ def run(algo: str, overrides: list[str], run_dir: Path) -> dict:
         "rl_gain": curve[-1]["greedy_success"] - before.get("eval/success_rate", curve[0]["greedy_success"]),
         "curve": curve,
         "eval_episodes": cfg.rollout.eval_episodes,
-        "parameters": _parameters(run_dir / "base_model"),
+        "parameters": _parameters(run_dir / "base_model" if cfg.model.path is None else Path(cfg.model.path)),
         "last_metrics": {k: v for k, v in final.items() if k.startswith(("actor/", "critic/", "timing/"))},
     }
 
@@ -120,7 +139,7 @@ ABLATIONS = {
     "small_batch,actor_lr=1e-3": ["rollout.num_envs=128", "algo.minibatch_size=256"],
     "bootstrap_time_limit": ["algo.bootstrap_time_limit=true"],
     "actor_lr=3e-3": ["algo.actor_lr=3e-3"],
-    "ratio_level=action": ["algo.ratio_level=action"],
+    "logprob_level=chunk": ["algo.logprob_level=chunk"],
     "temperature=1.6": ["rollout.temperature=1.6"],
     "epochs=8": ["algo.epochs=8"],
     "entropy_coef=0.01": ["algo.entropy_coef=0.01"],
@@ -221,7 +240,8 @@ def main() -> int:
     report = {"task": "toy", "baselines": baselines(cfg, cfg.rollout.eval_episodes), "runs": {}}
     for model in args.model:
         for algo in args.algos:
-            r = run(algo, [*MODELS[model], *args.overrides], Path(args.run_root).resolve() / f"{model}_{algo}")
+            root = Path(args.run_root).resolve()
+            r = run(algo, [*model_overrides(model, root), *args.overrides], root / f"{model}_{algo}")
             r["beats_random_block_by"] = r["greedy_success_final"] - report["baselines"]["random_block"]
             r["passes"] = bool(r["greedy_success_initial"] <= 0.30 and r["greedy_success_final"] >= 0.70
                                and r["beats_random_block_by"] >= 0.25 and r["wall_seconds"] <= 600)

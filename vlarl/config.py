@@ -53,7 +53,9 @@ class AlgoConfig:
     dynamic_sampling: bool = False  # grpo: keep informative groups and re-collect until a batch is full (DAPO)
     sampling_rounds: int = 4  # dynamic sampling: most collection rounds per iteration (the first included)
     clip_low: float = 0.2  # PPO ratio clip below 1
-    ratio_level: str = "token"  # PPO ratio per token / flow element (token) or per action, the step's log-probs summed (action)
+    # PPO ratio per token / flow element (token), per 7-D action (its log-probs summed: action) or per policy
+    # call (the whole step's log-probs summed: chunk); equal for single-action models
+    logprob_level: str = "token"
     clip_high: float = 0.28  # PPO ratio clip above 1 (asymmetric, SimpleVLA-RL)
     vf_clip: float = 0.2  # clipped value loss range
     vf_coef: float = 0.5  # weight of the value loss in the total loss
@@ -96,6 +98,18 @@ class FlowModelConfig:
 
 
 @dataclass
+class OFTModelConfig:
+    """The OpenVLA-OFT run configuration, which upstream checkpoints do not store (LIBERO defaults);
+    checked against the tensors loaded and written into vlarl's exports (vlarl_oft.json)."""
+
+    chunk: int = 8  # actions per policy call (NUM_ACTIONS_CHUNK; LIBERO 8)
+    num_images: int = 2  # cameras read: third-person + wrist (fewer when the env renders fewer)
+    head: str = "auto"  # discrete (action tokens at the placeholders) | l1 (MLP ResNet head) | auto (action_head file present -> l1)
+    attention: str = "full"  # full (every position sees every position, as upstream's Llama fork) | prefix_causal
+    init_log_std: float = -1.6  # l1 head: initial per-dimension log-std of the Gaussian policy around the head's output
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_token"  # model preset (conf/model/NAME.yaml)
     policy: str = "token"  # tiny model built from config: token (action bins) | flow (pi0-style action expert)
@@ -119,6 +133,7 @@ class ModelConfig:
     mixed_precision: bool = False  # learner: compute in bf16 over float32 parameters (FSDP2 mixed precision; GPU)
     activation_checkpointing: bool = False  # learner: recompute each layer's activations in backward (saves memory)
     flow: FlowModelConfig = field(default_factory=FlowModelConfig)  # flow VLA expert and sampler
+    oft: OFTModelConfig = field(default_factory=OFTModelConfig)  # openvla_oft: chunk, cameras, head, attention
 
 
 @dataclass
@@ -184,7 +199,7 @@ class RolloutConfig:
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
     eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
     eval_videos: int = 2  # evaluation episodes saved as MP4 under run_dir/eval/ each time; 0 = none
-    compile: bool = False  # flow policies: torch.compile the denoising step (CUDA graphs on GPU); bench/flow_denoise.py
+    compile: bool = False  # torch.compile a flow policy's denoising step or OFT's parallel decoder pass (CUDA graphs on GPU); bench/flow_denoise.py, bench/oft_decode.py
 
 
 @dataclass
@@ -272,7 +287,9 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement
 CHOICES = {  # closed vocabularies checked after composition
     "algo.name": ("ppo", "grpo"),
     "algo.advantage": ("gae", "grpo", "rloo"),
-    "algo.ratio_level": ("token", "action"),
+    "algo.logprob_level": ("token", "action", "chunk"),
+    "model.oft.head": ("auto", "discrete", "l1"),
+    "model.oft.attention": ("full", "prefix_causal"),
     "model.dtype": ("float32", "bfloat16"),
     "model.policy": ("token", "flow"),
     "model.value_from": ("prefix", "expert"),
@@ -294,7 +311,7 @@ POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.i
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
-            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor",
+            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor", "model.oft.chunk", "model.oft.num_images",
             "cluster.num_nodes", "cluster.gpus_per_node", "cluster.placement_timeout_s", "cluster.recovery_timeout_s",
             "cluster.collective_timeout_s")
 

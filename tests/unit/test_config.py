@@ -179,7 +179,7 @@ def test_help_lists_groups_and_keys():
     assert proc.returncode == 0, proc.stderr
     for group in GROUPS:
         assert f"{group}=" in proc.stdout
-    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={openvla,pi0,pi05,smolvla,tiny_flow,tiny_token}", "cluster={local_cpu,multi_node,node_colocated,node_split,one_gpu}", "--dry-run"):
+    for option in ("algo={grpo,ppo}", "env={libero_10,libero_90,libero_goal,libero_object,libero_spatial,toy}", "model={openvla,openvla_oft,pi0,pi05,smolvla,tiny_flow,tiny_token}", "cluster={local_cpu,multi_node,node_colocated,node_split,one_gpu}", "--dry-run"):
         assert option in proc.stdout
     for key in ("trainer.iterations=2", "rollout.num_envs=2", "algo.group_size=1", "model.tiny.hidden=",
                 "model.path=null", "env.max_steps=", "cluster.device=cpu"):

@@ -63,13 +63,24 @@ def write_smolvla(out: Path) -> list[str]:
     return [f"model.tokenizer_path={write_tiny_tokenizer(out.parent / 'tokenizer')}"]
 
 
+def write_oft(head: str):
+    def write(out: Path) -> list[str]:
+        from vlarl.models.openvla_oft.tiny import write_tiny_oft
+
+        write_tiny_oft(out, head, seed=3)
+        return ["model.oft.num_images=1", "model.oft.chunk=2"]  # the toy env renders one camera
+    return write
+
+
+# "family:variant" keys test a family's other layouts (OFT's L1-head folders).
 WRITERS = {"tiny_token": write_tiny("tiny_token"), "tiny_flow": write_tiny("tiny_flow"), "openvla": write_openvla,
+           "openvla_oft": write_oft("discrete"), "openvla_oft:l1": write_oft("l1"),
            "pi0": write_pi0, "pi05": write_pi05, "smolvla": write_smolvla}
 SETTINGS: dict[str, list[str]] = {}  # family -> the settings its folder needs (filled by the fixture)
 
 
 def test_every_family_is_tested():
-    assert set(WRITERS) == set(FAMILIES)
+    assert {k.split(":")[0] for k in WRITERS} == set(FAMILIES)
 
 
 def model_cfg(name: str):
@@ -78,9 +89,10 @@ def model_cfg(name: str):
 
 @pytest.fixture(scope="module", params=sorted(WRITERS))
 def family_folder(request, tmp_path_factory):
-    name = request.param
-    folder = tmp_path_factory.mktemp(name) / "model"
-    SETTINGS[name] = WRITERS[name](folder)
+    key = request.param
+    folder = tmp_path_factory.mktemp(key.replace(":", "_")) / "model"
+    name = key.split(":")[0]
+    SETTINGS[name] = WRITERS[key](folder)
     return name, folder
 
 
@@ -90,8 +102,10 @@ def observations(model, n: int, seed: int = 0) -> dict:
 
 
 def scored_actions(out) -> torch.Tensor:
-    """What the learner scores for an engine output: token ids, or packed flow chains."""
+    """What the learner scores for an engine output: token ids, Gaussian draws, or packed flow chains."""
     record = out.record()
+    if "sampled_actions" in record:
+        return torch.as_tensor(record["sampled_actions"])
     if "chains" in record:
         return pack_chains(torch.from_numpy(record["chains"]), torch.from_numpy(record["sde_steps"]))
     return torch.as_tensor(record["action_tokens"])
@@ -115,7 +129,7 @@ def test_loaded_model_has_the_interface(family_folder):
         assert any(n.endswith(target) for n in names), f"{name}: LoRA target {target} matches no decoder module"
     ids = model.encode_instruction(tokenizer, "put the red block on the plate")
     assert ids and all(isinstance(i, int) for i in ids)
-    if model.action_kind == "token":
+    if model.action_kind in ("token", "parallel"):
         assert 0 <= model.first_bin_id and model.first_bin_id + 256 <= model.vocab_size
 
 

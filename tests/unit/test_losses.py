@@ -294,15 +294,19 @@ def test_truncated_is_weights_hand_case():
     torch.testing.assert_close(w, torch.tensor([1.0, 1.5, 2.0, 0.367879]), rtol=1e-5, atol=1e-6)
 
 
-def test_ratio_units_per_token_and_per_action():
+def test_ratio_units_per_token_per_action_and_per_chunk():
     from vlarl.algo.losses import ratio_units
 
-    lp = torch.tensor([[-1.0, -2.0, -0.5], [0.0, -0.25, -0.25]])
+    lp = torch.tensor([[-1.0, -2.0, -0.5, 0.0, -0.25, -0.25], [0.0, -0.25, -0.25, -1.0, -1.0, -1.0]])
     assert torch.equal(ratio_units(lp, "token"), lp)
-    assert ratio_units(lp, "action").tolist() == [[-3.5], [-0.5]]  # the action's joint log-prob
-    # One ratio per action: exp of the summed differences, the product of the per-token ratios.
+    # Two 3-D actions per step: each action's joint log-prob, then the whole chunk's.
+    assert ratio_units(lp, "action", action_dim=3).tolist() == [[-3.5, -0.5], [-0.5, -3.0]]
+    assert ratio_units(lp, "chunk").tolist() == [[-4.0], [-3.5]]
+    # One ratio per chunk: exp of the summed differences, the product of the per-token ratios.
     old = torch.zeros_like(lp)
-    joint = torch.exp(ratio_units(lp, "action") - ratio_units(old, "action"))[:, 0]
+    joint = torch.exp(ratio_units(lp, "chunk") - ratio_units(old, "chunk"))[:, 0]
     assert torch.allclose(joint, torch.exp(lp - old).prod(1))
-    with pytest.raises(ValueError):
-        ratio_units(lp, "chunk")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ratio_units(lp, "action", action_dim=4)
+    with pytest.raises(ValueError, match="not token, action or chunk"):
+        ratio_units(lp, "step")

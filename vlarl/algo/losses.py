@@ -75,16 +75,25 @@ def policy_loss(
 
 
 def ratio_units(
-    logprobs: torch.Tensor,  # (N, D) log-probs per token (or per flow element) of each step's action
+    logprobs: torch.Tensor,  # (N, D) log-probs per token (or per flow element) of each step's action(s)
     level: str,
+    action_dim: int = 7,
 ) -> torch.Tensor:
-    """The log-probs PPO takes one ratio of each: per token (N, D) as given, or per action (N, 1), the
-    step's D log-probs summed (the action's joint log-prob), so the clip bounds the whole action."""
+    """The log-probs PPO takes one ratio of each (algo.logprob_level): per token (N, D) as given; per
+    action (N, D / action_dim), each consecutive action_dim log-probs summed (one 7-D action's joint
+    log-prob); per chunk (N, 1), the whole step's summed, so the clip bounds everything one policy call
+    emitted. SimpleVLA-RL keeps one ratio per token; RLinf sums per action or per chunk (its
+    `logprob_type`); for a single-action model action and chunk coincide."""
     if level == "token":
         return logprobs
     if level == "action":
+        if logprobs.shape[-1] % action_dim:
+            raise ValueError(f"logprob_level=action needs a multiple of {action_dim} log-probs per step; got "
+                             f"{logprobs.shape[-1]}.")
+        return logprobs.unflatten(-1, (-1, action_dim)).sum(-1)
+    if level == "chunk":
         return logprobs.sum(-1, keepdim=True)
-    raise ValueError(f"ratio level {level!r} is not token or action.")
+    raise ValueError(f"logprob level {level!r} is not token, action or chunk.")
 
 
 def value_loss(

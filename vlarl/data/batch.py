@@ -35,6 +35,7 @@ class TrajectoryBatch:
     videos: dict = field(default_factory=dict)  # {episode: (L+1, H, W, 3) uint8} frames of recorded episodes
     chains: Optional[np.ndarray] = None  # (N, T, K+1, A) float32 flow denoising chains x_1 .. x_0, flow policies only
     sde_steps: Optional[np.ndarray] = None  # (N, T) int64 each chain's Gaussian step (Flow-SDE), else -1
+    sampled_actions: Optional[np.ndarray] = None  # (N, T, D) float32 Gaussian draws (OpenVLA-OFT's L1 head), else None
     timeouts: Optional[np.ndarray] = None  # (N, T) bool: last step and ended by the task's step limit (truncated)
 
     @property

@@ -12,13 +12,16 @@ from pathlib import Path
 
 from vlarl.models.family import Family, FamilyError, Loaded
 from vlarl.models.openvla.family import OpenVLA
+from vlarl.models.openvla_oft.family import OpenVLAOFT
 from vlarl.models.pi0.family import Pi0
 from vlarl.models.pi05.family import Pi05
 from vlarl.models.smolvla.family import SmolVLA
 from vlarl.models.tiny_flow.family import TinyFlow
 from vlarl.models.tiny_token.family import TinyToken
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLA(), Pi0(), Pi05(), SmolVLA())}
+# Detection asks in this order: OpenVLA-OFT (an OpenVLA folder with OFT's files) before OpenVLA.
+FAMILIES: dict[str, Family] = {f.name: f for f in (TinyToken(), TinyFlow(), OpenVLAOFT(), OpenVLA(), Pi0(), Pi05(),
+                                                   SmolVLA())}
 
 
 def default_model_cfg():

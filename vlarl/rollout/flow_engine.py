@@ -14,6 +14,7 @@ import torch
 
 from vlarl.algo import sampling
 from vlarl.rollout.hf_engine import HFEngine
+from vlarl.rollout.parallel_engine import GaussianEngine, ParallelEngine
 
 
 @dataclass
@@ -63,14 +64,17 @@ class FlowEngine(HFEngine):
             self.action_tokenizer.unnormalize(normalized)
 
 
-ENGINES = {"token": HFEngine, "flow": FlowEngine}  # the model's `action_kind` -> its PyTorch engine
+# the model's `action_kind` -> its PyTorch engine
+ENGINES = {"token": HFEngine, "flow": FlowEngine, "parallel": ParallelEngine, "gaussian": GaussianEngine}
 
 
 def make_engine(model, tokenizer, action_tokenizer, device: str, compile: bool = False) -> HFEngine:
-    """The PyTorch engine that fits the model's `action_kind`; `compile` (rollout.compile) is for flow policies."""
+    """The PyTorch engine that fits the model's `action_kind`; `compile` (rollout.compile) compiles a
+    flow policy's denoising step or a parallel decoder's forward."""
     if not compile:
         return ENGINES[model.action_kind](model, tokenizer, action_tokenizer, device)
-    if model.action_kind != "flow":
-        raise ValueError("rollout.compile compiles a flow policy's denoising step; this model decodes tokens: "
-                         "set rollout.compile=false (or rollout.engine=vllm for a fast token engine).")
-    return FlowEngine(model, tokenizer, action_tokenizer, device, compile=True)
+    if model.action_kind == "token":
+        raise ValueError("rollout.compile compiles a flow policy's denoising step or a parallel decoder's forward; "
+                         "this model decodes tokens one by one: set rollout.compile=false (or rollout.engine=vllm "
+                         "for a fast token engine).")
+    return ENGINES[model.action_kind](model, tokenizer, action_tokenizer, device, compile=True)

@@ -82,8 +82,10 @@ class StepInputs:
 
 
 def step_actions(batch: TrajectoryBatch, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """What the model scores at steps (ep, t): token ids (S, D), or for a flow policy the packed
-    chains and SDE step indices (S, (K+1)*A + 1) (vlarl.models.tiny_flow.modeling.pack_chains)."""
+    """What the model scores at steps (ep, t): token ids (S, D), a Gaussian policy's draws (S, D), or
+    for a flow policy the packed chains and SDE step indices (S, (K+1)*A + 1) (vlarl.models.flow_policy.pack_chains)."""
+    if batch.sampled_actions is not None:
+        return batch.sampled_actions[ep, t]
     if batch.chains is None:
         return batch.action_tokens[ep, t]
     return pack_chains(torch.from_numpy(batch.chains[ep, t]), torch.from_numpy(batch.sde_steps[ep, t])).numpy()
@@ -182,8 +184,8 @@ class LearnerWorker:
         advantages, returns, keep = self._advantages(batch, inputs, ep, t, tokens, old_values, temp)
         is_weights = None
         if a.tis_cap > 0:
-            is_weights = truncated_is_weights(ratio_units(old_logprobs, a.ratio_level),
-                                              ratio_units(rollout_logprobs, a.ratio_level), a.tis_cap)
+            is_weights = truncated_is_weights(ratio_units(old_logprobs, a.logprob_level),
+                                              ratio_units(rollout_logprobs, a.logprob_level), a.tis_cap)
         warmup = iteration < a.critic_warmup_iters
         steps = np.nonzero(keep.numpy())[0]
         for epoch in range(a.epochs):
@@ -270,7 +272,7 @@ class LearnerWorker:
         old = dev(old_logprobs)
         ones = torch.ones_like(logprobs)
         guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, ones, n_tok, temp)
-        logprobs, old = ratio_units(logprobs, a.ratio_level), ratio_units(old, a.ratio_level)
+        logprobs, old = ratio_units(logprobs, a.logprob_level), ratio_units(old, a.logprob_level)
         n_ratio, ones = global_size * logprobs.shape[1], torch.ones_like(logprobs)
         adv = dev(advantages)[:, None].expand_as(logprobs)
         if a.log_ratio_clip > 0:

@@ -110,8 +110,13 @@ def _materialise_buffers(model: OpenVLAPolicy) -> None:
         raise RuntimeError(f"tensors left unmaterialised after loading: {meta[:5]}; transformers' modules changed.")
 
 
-def load_openvla(folder: str | Path, dtype: str = "float32", unnorm_key: str | None = None):
+def load_openvla(folder: str | Path, dtype: str = "float32", unnorm_key: str | None = None, policy=OpenVLAPolicy,
+                 extra: dict[str, torch.Tensor] | None = None):
     """An upstream-layout OpenVLA folder -> (OpenVLAPolicy, tokenizer, OpenVLAActionTokenizer).
+
+    policy: the module class or factory `(config, mlp widths, projector width, pixel spec, action dim)`
+    (an extension such as OpenVLA-OFT); extra: its own tensors beyond the OpenVLA weights, under its
+    parameter names, loaded with them.
 
     The modules are sized by config.json (timm ids or timm_override_kwargs) and the weights' shapes
     (MLP and projector widths), built on the meta device and filled from safetensors, so a 7B folder
@@ -131,8 +136,8 @@ def load_openvla(folder: str | Path, dtype: str = "float32", unnorm_key: str | N
     proj_hidden = shapes.get("projector.fc1.weight", (None,))[0] if cfg.fused else None
     stats = cfg.norm_stats[key]["action"]
     with torch.device("meta"):
-        model = OpenVLAPolicy(cfg, mlps, proj_hidden, PixelSpec.from_folder(folder, [t.kind for t in cfg.towers],
-                                                                            cfg.image_size), len(stats["q01"]))
+        model = policy(cfg, mlps, proj_hidden, PixelSpec.from_folder(folder, [t.kind for t in cfg.towers],
+                                                                     cfg.image_size), len(stats["q01"]))
     _check_keys(shapes, expected_shapes(model), folder)
 
     target = DTYPES[dtype]
@@ -145,6 +150,7 @@ def load_openvla(folder: str | Path, dtype: str = "float32", unnorm_key: str | N
         model.passthrough.update({prefix + k: tensors[prefix + k] for k in kept})  # stored dtype, untouched
     rest = [k for k in header if k.startswith(("projector.", "language_model."))]
     ours.update({k: v.to(target) for k, v in read_tensors(header, rest).items()})
+    ours.update({k: v.to(target) for k, v in (extra or {}).items()})
     missing, unexpected = model.load_state_dict(ours, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith("value_head.")]
     if missing or unexpected:
