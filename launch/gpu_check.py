@@ -37,6 +37,7 @@ def steps(out: Path, py: str) -> list[dict]:
         bench("attention", "bench/attention.py", 45, "--device", "cuda", "--repeats", "3"),
         bench("engines", "bench/engines.py", 90, "--device", "cuda", "--repeats", "2"),
         bench("flow_denoise", "bench/flow_denoise.py", 90, "--real", "--repeats", "3"),
+        bench("oft_decode", "bench/oft_decode.py", 60, "--device", "cuda", "--repeats", "3"),
         bench("openvla_7b", "bench/openvla_7b.py", 240, "--repeats", "1"),
     ]
 

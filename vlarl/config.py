@@ -147,7 +147,8 @@ class EnvConfig:
     max_move: float = 0.25  # toy: effector displacement per step at |action| = 1
     success_radius: float = 0.09  # toy: distance that counts as reaching a block
     num_init_states: int = 10000  # training init states per task; later ids are held out for evaluation (LIBERO: of 50)
-    action_chunk: int = 1  # LIBERO: actions executed per policy call (the model emits 7 x this values)
+    action_chunk: int = 1  # actions per policy call (the model emits 7 x this values), executed open loop
+    replan_steps: int = 0  # of each chunk, the actions executed before the next policy call (0: all of them)
     camera_size: int = 128  # LIBERO: rendered camera side in pixels; evaluation videos use it
     settle_steps: int = 10  # LIBERO: no-op steps after placing an init state, before the policy acts
     wrist_camera: bool = False  # LIBERO: also render the wrist camera (obs["wrist_image"])
@@ -455,6 +456,9 @@ def validate(cfg: DictConfig) -> None:
         _check_vllm(cfg)
     check_transport(cfg)
     validate_flow(cfg)
+    if not 0 <= cfg.env.replan_steps <= cfg.env.action_chunk:
+        raise ConfigError(f"env.replan_steps={cfg.env.replan_steps} must lie in 0..env.action_chunk "
+                          f"({cfg.env.action_chunk}); 0 executes the whole chunk before the next policy call.")
     if cfg.env.settle_steps < 0:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
     if cfg.reward.human_timeout < 0 or not 0 <= cfg.reward.port < 65536:

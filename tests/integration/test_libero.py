@@ -129,6 +129,19 @@ def test_truncation_at_the_step_limit_counts_simulator_steps_with_chunks():
         e.close()
 
 
+def test_replanning_executes_the_first_steps_of_each_chunk():
+    e = LiberoEnv(1, LiberoSpec(suite="libero_spatial", num_tasks=10, num_init_states=40, max_steps=5,
+                                action_chunk=4, replan_steps=2, image_size=32, camera_size=64, settle_steps=2))
+    try:
+        assert e.max_steps == 3  # policy calls: 2 + 2 + 1 simulator steps of each 4-action chunk
+        e.reset([2], [0])
+        chunk = np.tile(HOLD, 4)[None]
+        assert not e.step(chunk).truncated[0] and e._steps[0] == 2
+        assert not e.step(chunk).truncated[0] and e.step(chunk).truncated[0] and e._steps[0] == 5
+    finally:
+        e.close()
+
+
 def test_killed_and_stalled_simulators_are_restarted_and_their_episodes_truncated(env):
     env.reset([0, 1, 2], [1, 1, 1])
     hold = np.tile(HOLD, (3, 1))

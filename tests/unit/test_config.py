@@ -104,6 +104,7 @@ def test_config_is_read_only():
     (["env.num_tasks=11"], "env.num_tasks"),
     (["env.num_init_states=50"], "env.num_init_states"),
     (["env=toy", "env.action_chunk=0"], "env.action_chunk"),
+    (["env=toy", "env.action_chunk=2", "env.replan_steps=3"], "env.replan_steps"),
     (["model=tiny_flow", "model.flow.method=ode"], "model.flow.method"),
     (["model=tiny_flow", "model.flow.noise_min=0.2"], "noise_min"),
     (["model=tiny_flow", "model.flow.std_floor=0"], "model.flow.std_floor"),

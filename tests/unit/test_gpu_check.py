@@ -24,7 +24,7 @@ def test_dry_run_lists_every_step_and_finds_everything(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] and report["problems"] == []
     names = [s["name"] for s in report["steps"]]
-    assert names == ["gpu_tests", "attention", "engines", "flow_denoise", "openvla_7b"]
+    assert names == ["gpu_tests", "attention", "engines", "flow_denoise", "oft_decode", "openvla_7b"]
     assert all(s["status"] == "planned" for s in report["steps"])
     assert report["budget_s"] == 540  # each step's timeout is cut to what is left of it
     assert "tests/gpu" in report["steps"][0]["command"]
@@ -37,7 +37,7 @@ def test_dry_run_names_what_is_missing_or_broken(tmp_path):
     shutil.copytree(REPO / "launch", root / "launch")
     shutil.copytree(REPO / "tests" / "gpu", root / "tests" / "gpu")
     (root / "bench").mkdir()
-    for name in ("attention", "engines", "flow_denoise"):  # no openvla_7b.py
+    for name in ("attention", "engines", "flow_denoise", "oft_decode"):  # no openvla_7b.py
         shutil.copy(REPO / "bench" / f"{name}.py", root / "bench")
     (root / "bench" / "engines.py").write_text("def broken(:\n")
     proc = dry_run(root, tmp_path / "out")

@@ -278,3 +278,25 @@ def test_throughput_with_64_envs():
 def test_success_radius_that_leaves_no_room_is_refused():
     with pytest.raises(ValueError, match="success_radius"):
         ToyEnv(1, ToySpec(success_radius=0.45))
+
+
+def test_chunks_replan_after_replan_steps():
+    from vlarl.envs.chunk import ChunkedEnv
+
+    spec = ToySpec(max_steps=6, max_move=0.1)
+    whole, replan = ChunkedEnv(ToyEnv(1, spec, 0), 3), ChunkedEnv(ToyEnv(1, spec, 0), 3, replan=1)
+    assert whole.max_steps == 2 and replan.max_steps == 6  # policy calls per episode
+    for env in (whole, replan):
+        env.reset([0], [0])
+    step = np.zeros((1, 3 * ACTION_DIM), np.float32)
+    step[0, 0] = 1.0  # +x only in the chunk's first action
+    a, b = whole.step(step), replan.step(step)
+    # the replanning env executed just that first action; the other executed all three (two of them still)
+    np.testing.assert_allclose(a.obs["proprio"][0, :2], b.obs["proprio"][0, :2], atol=1e-6)
+    step[0, ACTION_DIM + 1] = 1.0  # +y in the second action: only the whole-chunk env moves along y
+    y_whole, y_replan = whole.env.pos[0, 1], replan.env.pos[0, 1]
+    whole.step(step), replan.step(step)
+    assert replan.env.pos[0, 1] == pytest.approx(y_replan, abs=1e-6)
+    assert whole.env.pos[0, 1] > y_whole + 0.05
+    with pytest.raises(ValueError, match="env.replan_steps=4"):
+        ChunkedEnv(ToyEnv(1, spec, 0), 3, replan=4)

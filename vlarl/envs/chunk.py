@@ -1,6 +1,7 @@
 """Action chunking for environments that step one action at a time (the toy task).
 
-The policy emits n actions per call, (N, 7n); the wrapper executes them in order and returns what
+The policy emits n actions per call, (N, 7n); the wrapper executes them in order (the first
+`replan` of them with env.replan_steps, then the policy is asked again) and returns what
 followed the last one, or what followed the step that ended the episode: an env that ends inside a
 chunk keeps that step's observation, reward and flags, and its later sub-steps are ignored. Rewards
 inside a chunk are summed. One policy call is one step of the wrapper, so `max_steps` counts calls.
@@ -15,15 +16,19 @@ from vlarl.envs.base import StepResult, VecEnv
 
 
 class ChunkedEnv(VecEnv):
-    def __init__(self, env, chunk: int):
+    def __init__(self, env, chunk: int, replan: int = 0):
+        if not 0 <= replan <= chunk:
+            raise ValueError(f"env.replan_steps={replan} must lie in 0..env.action_chunk ({chunk}); 0 executes "
+                             "the whole chunk.")
         self.env, self.chunk = env, chunk
+        self.executed = replan or chunk  # environment steps per policy call
 
     def __getattr__(self, name):  # num_tasks, instructions(), reset(), block_actions(), ...
         return getattr(self.env, name)
 
     @property
     def max_steps(self) -> int:
-        return -(-self.env.max_steps // self.chunk)
+        return -(-self.env.max_steps // self.executed)
 
     def step(self, actions, env_ids=None) -> StepResult:
         """actions (k, 7n) for episodes env_ids (all N when None) -> one StepResult per episode covering
@@ -35,7 +40,7 @@ class ChunkedEnv(VecEnv):
                              f"env.action_chunk={self.chunk}, got {actions.shape}.")
         ended, reward = np.zeros(n, bool), np.zeros(n, np.float32)
         final = None
-        for k in range(self.chunk):
+        for k in range(self.executed):
             res = self.env.step(actions[:, k * ACTION_DIM:(k + 1) * ACTION_DIM], env_ids)
             live = ~ended
             reward += np.where(live, res.reward, 0.0).astype(np.float32)

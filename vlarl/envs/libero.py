@@ -51,7 +51,8 @@ class LiberoSpec:
     num_tasks: int  # the suite's first num_tasks tasks
     num_init_states: int  # training init states per task; the rest of the 50 are held out
     max_steps: int  # simulator steps per episode (truncation)
-    action_chunk: int = 1  # actions executed per policy call
+    action_chunk: int = 1  # actions per policy call
+    replan_steps: int = 0  # of them executed before the policy is asked again (0: all, open loop)
     camera_size: int = 128  # rendered side in pixels (videos use this)
     image_size: int = 64  # side fed to the model
     settle_steps: int = 10  # no-op steps after placing the init state
@@ -158,7 +159,11 @@ class LiberoEnv(VecEnv):
         self.num_tasks = len(self.tasks)
         self.num_init_states = spec.num_init_states
         self.num_held_out_states = SUITE_INIT_STATES - spec.num_init_states
-        self.max_steps = math.ceil(spec.max_steps / spec.action_chunk)  # policy calls per episode
+        if not 0 <= spec.replan_steps <= spec.action_chunk:
+            raise ValueError(f"env.replan_steps={spec.replan_steps} must lie in 0..env.action_chunk "
+                             f"({spec.action_chunk}); 0 executes the whole chunk.")
+        self.executed = spec.replan_steps or spec.action_chunk  # simulator steps per policy call
+        self.max_steps = math.ceil(spec.max_steps / self.executed)  # policy calls per episode
         self.restarts = 0
         self._sims: list[_Sim | None] = [None] * num_envs
         self._backend: str | None = None
@@ -219,7 +224,7 @@ class LiberoEnv(VecEnv):
         actions = to_robosuite(actions, self.spec.action_chunk, self.spec.invert_gripper)
         if len(actions) != len(ids):
             raise ValueError(f"step needs one action row per environment: {len(actions)} rows for {len(ids)} ids.")
-        self._send({i: ("step", a[:self.spec.max_steps - self._steps[i]]) for i, a in zip(ids, actions)
+        self._send({i: ("step", a[:self.executed][:self.spec.max_steps - self._steps[i]]) for i, a in zip(ids, actions)
                     if not self._ended[i]}, self.spec.step_timeout, "step")
 
     def step_recv(self, env_ids) -> StepResult:

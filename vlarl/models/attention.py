@@ -2,7 +2,8 @@
 
 `auto` takes FlashAttention-2 where it applies (CUDA, bfloat16 weights, a token policy, the
 `flash-attn` package importable) and PyTorch's SDPA otherwise. Flow policies always use SDPA or
-eager: their prefix/suffix attention is a 4-D block mask that FlashAttention-2 does not take.
+eager: their prefix/suffix attention is a 4-D block mask that FlashAttention-2 does not take; so is
+OpenVLA-OFT's (bidirectional placeholders).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def resolve_attention(name: str, device: str, dtype: torch.dtype, action_kind: s
         fits = device == "cuda" and dtype in (torch.bfloat16, torch.float16) and action_kind == "token"
         return "flash_attention_2" if fits and has_flash else "sdpa"
     if name == "flash_attention_2":
-        problem = ("flow policies attend through a 4-D block mask FlashAttention-2 does not take" if action_kind != "token"
+        problem = ("this policy attends through a 4-D block mask FlashAttention-2 does not take" if action_kind != "token"
                    else "it runs on CUDA only (cluster.device=cuda)" if device != "cuda"
                    else "it needs half-precision weights (model.dtype=bfloat16)" if dtype not in (torch.bfloat16, torch.float16)
                    else "the flash-attn package is not installed (pip install 'vlarl[gpu]')" if not has_flash

@@ -30,7 +30,7 @@ reference implementation):
 | `image_size`, `config.action_dim` | pixels the model reads; values per call | sft, rollout worker |
 | `fsdp_units()` | modules FSDP shards one by one | learner |
 | `lora_targets`, `lora_trainable` | decoder module names for LoRA; parameters trained beside the adapters | vlarl.models.lora |
-| `action_kind` | "token" or "flow": which engine and which per-step record | rollout worker |
+| `action_kind` | "token", "flow", "parallel" (OFT's discrete head) or "gaussian" (its L1 head): which engine and which per-step record | rollout worker |
 """
 
 from __future__ import annotations

@@ -45,9 +45,20 @@ def component_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tenso
 
 def write_tiny_oft(out: str | Path, head: str = "discrete", proprio: bool = True, seed: int = 0, **sizes) -> Path:
     """Write the tiny OFT folder to `out` (created): head `discrete` (no action head file) or `l1`."""
+    return add_oft_files(write_tiny_openvla(out, seed=seed, **sizes), head, proprio, seed)
+
+
+def write_7b_shaped_oft(out: str | Path, head: str = "discrete", seed: int = 0) -> Path:
+    """openvla-7b's real shapes plus OFT's files (LLaMA-2-7B width 4096): for GPU benchmarks."""
+    from vlarl.models.openvla.tiny import write_7b_shaped
+
+    return add_oft_files(write_7b_shaped(out, seed=seed), head, True, seed)
+
+
+def add_oft_files(out: Path, head: str, proprio: bool, seed: int) -> Path:
+    """An OpenVLA folder -> an OFT LIBERO fine-tune's folder: its statistics and component files."""
     if head not in ("discrete", "l1"):
         raise ValueError(f"head={head!r} is not discrete or l1.")
-    out = write_tiny_openvla(out, seed=seed, **sizes)
     config = json.loads((out / "config.json").read_text())
     llm = config["text_config"]["hidden_size"]
     stats = {DATASET: {**copy.deepcopy(LIBERO_SPATIAL), "proprio": dict(LIBERO_PROPRIO)}}
