@@ -229,3 +229,15 @@ def test_save_writes_upstream_names_and_describes_the_run(folders, head, tmp_pat
         assert torch.allclose(again.model.action_log_std, torch.full((7,), -0.7))
     with pytest.raises(FamilyError, match="drop the override"):
         load_model(out, model_cfg("model.oft.chunk=3"))
+
+
+def test_run_settings_that_do_not_fit_stop_at_start(folders):
+    from vlarl.config import ConfigError
+    from vlarl.preflight import load_run_config
+
+    base = ["env=toy", "model=openvla_oft", f"model.path={folders['discrete']}"]
+    with pytest.raises(ConfigError, match="set env.action_chunk=8"):
+        load_run_config(base)  # model.oft.chunk defaults to LIBERO's 8
+    with pytest.raises(ConfigError, match="rollout.engine=hf"):
+        load_run_config([*base, "env.action_chunk=8", "rollout.engine=vllm"])
+    assert load_run_config([*base, "env.action_chunk=8"]).model.family == "openvla_oft"
