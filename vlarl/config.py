@@ -138,7 +138,7 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    name: str = "toy"  # toy | libero_spatial | libero_object | libero_goal | libero_10 | libero_90
+    name: str = "toy"  # toy | libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | a perturbed variant ({base}_{perturbation}, e.g. libero_goal_swap)
     num_tasks: int = 4  # toy: target colours; LIBERO: the suite's first num_tasks tasks
     num_blocks: int = 3  # toy: blocks per episode
     grid: int = 4  # toy: board cells per side
@@ -295,7 +295,6 @@ CHOICES = {  # closed vocabularies checked after composition
     "model.policy": ("token", "flow"),
     "model.value_from": ("prefix", "expert"),
     "model.flow.method": ("sde", "sde_all", "noise"),
-    "env.name": ("toy", "libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
     "cluster.device": ("cpu", "cuda"),
     "cluster.rollout_strategy": STRATEGIES,
     "cluster.learner_strategy": STRATEGIES,
@@ -456,6 +455,7 @@ def validate(cfg: DictConfig) -> None:
         _check_vllm(cfg)
     check_transport(cfg)
     validate_flow(cfg)
+    _check_env_name(cfg.env.name)
     if not 0 <= cfg.env.replan_steps <= cfg.env.action_chunk:
         raise ConfigError(f"env.replan_steps={cfg.env.replan_steps} must lie in 0..env.action_chunk "
                           f"({cfg.env.action_chunk}); 0 executes the whole chunk before the next policy call.")
@@ -463,6 +463,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
     if cfg.reward.human_timeout < 0 or not 0 <= cfg.reward.port < 65536:
         raise ConfigError("reward.human_timeout must be >= 0 and reward.port in 0..65535 (0 picks a free port).")
+
+
+def _check_env_name(name: str) -> None:
+    """toy, a standard LIBERO suite, or a perturbed variant the installed benchmark lists."""
+    from vlarl.envs.libero_suites import STANDARD, SuiteError, check_suite
+
+    if name == "toy" or name in STANDARD:
+        return
+    try:
+        check_suite(name)
+    except SuiteError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_vllm(cfg: DictConfig) -> None:

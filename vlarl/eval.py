@@ -2,11 +2,17 @@
 
     python -m vlarl.eval --checkpoint RUN/best_return [--suites libero_spatial,libero_object]
         [--tasks 0,1,2] [--init-states 40-49] [--videos 4] [--out DIR] [key=value ...]
+    python -m vlarl.eval --checkpoint RUN/best_return --robustness [--variants swap,lan,with_mug]
 
 Episodes run in parallel on the run's rollout workers (Ray, local unless RAY_ADDRESS is set), each
 stepping its simulators in parallel. By default every task of each suite runs once from every
 held-out init state (ids past env.num_init_states), the states training never drew. The trainer
 uses the same functions every rollout.eval_every iterations and logs eval/success_rate.
+
+--robustness evaluates the trained-on suite's base and every perturbed variant the installed
+benchmark lists (or those --variants names), each on its held-out init states (all of them for a
+variant with no more than env.num_init_states), and writes the robustness table (vlarl/robustness.py)
+into report.json, robustness.md and robustness.png; the videos kept are failures.
 """
 
 from __future__ import annotations
@@ -75,11 +81,13 @@ def report(result: EvalEpisodes, instructions: list[str], suite: str) -> dict:
                                                       result.lengths)]}
 
 
-def write_videos(result: EvalEpisodes, folder: Path, prefix: str = "") -> list[str]:
-    """One MP4 per recorded episode: {prefix}task{T}_init{K}_{success|failure}.mp4"""
+def write_videos(result: EvalEpisodes, folder: Path, prefix: str = "", failures_only: bool = False) -> list[str]:
+    """One MP4 per recorded episode (or per recorded failure): {prefix}task{T}_init{K}_{success|failure}.mp4"""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, frames in sorted(result.videos.items()):
+        if failures_only and result.success[k]:
+            continue
         name = (f"{prefix}task{result.task_ids[k]}_init{result.init_state_ids[k]}_"
                 f"{'success' if result.success[k] else 'failure'}.mp4")
         write_video(frames, folder / name)
@@ -142,9 +150,13 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
     if suite != cfg.env.name:
         if suite == "toy" or cfg.env.name == "toy":
             raise EvalError(f"a model trained on env={cfg.env.name} cannot be evaluated on {suite}.")
-        from vlarl.envs.libero import SUITE_MAX_STEPS, suite_tasks
+        from vlarl.envs.libero import suite_tasks
+        from vlarl.envs.libero_suites import SuiteError, max_steps
 
-        cfg.env.name, cfg.env.max_steps, cfg.env.num_tasks = suite, SUITE_MAX_STEPS[suite], len(suite_tasks(suite))
+        try:
+            cfg.env.name, cfg.env.max_steps, cfg.env.num_tasks = suite, max_steps(suite), len(suite_tasks(suite))
+        except SuiteError as e:
+            raise EvalError(str(e)) from None
     try:
         for item in overrides:
             key, _, value = item.partition("=")
@@ -158,9 +170,30 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
     return cfg
 
 
+def robustness_suites(trained_on: str, variants: list[str] | None = None) -> list[str]:
+    """The base of the suite trained on, then its perturbed variants (all runnable ones, or `variants`
+    given as perturbation names or suite names)."""
+    from vlarl.envs.libero_suites import SuiteError, base_suite, check_suite, listing
+    from vlarl.envs.libero_suites import variants as runnable
+
+    base = base_suite(trained_on)
+    if base is None:
+        raise EvalError(f"--robustness needs a LIBERO run; this one trained on env={trained_on}.")
+    if variants is None:
+        return [base, *runnable(base)]
+    names = [v if v.startswith(base) else f"{base}_{v}" for v in variants]
+    for name in names:
+        try:
+            check_suite(name)
+        except SuiteError:
+            raise EvalError(f"--variants: {name} is not a runnable variant of {base}; there are {listing()}.") from None
+    return [base, *[n for n in names if n != base]]
+
+
 def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[str] | None = None,
                         tasks: str | None = None, init_states: str | None = None, videos: int = 2,
-                        overrides: list[str] = (), base_model: str | None = None) -> dict:
+                        overrides: list[str] = (), base_model: str | None = None, robustness: bool = False,
+                        variants: list[str] | None = None) -> dict:
     import ray
 
     from vlarl.cluster import SetupError, check_renderer, init_ray, release, start_rollout_workers
@@ -169,6 +202,8 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
     path = Path(checkpoint).resolve()
     run_config, state, base = load_checkpoint(path, base_model)
     out_dir = Path(out) if out else path / "eval"
+    if robustness:
+        suites = robustness_suites(run_config["env"]["name"], variants)
     suites = suites or [run_config["env"]["name"]]
     summary = {"checkpoint": str(path), "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "suites": {}}
@@ -201,10 +236,16 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
             release(workers)
             placement.remove()
         rep = report(result, shape["instructions"], suite)
-        rep["videos"] = write_videos(result, out_dir / "videos", prefix=f"{suite}_")
+        rep["videos"] = write_videos(result, out_dir / "videos", prefix=f"{suite}_", failures_only=robustness)
         summary["suites"][suite] = rep
         print(f"vlarl.eval: {suite}: success {rep['success_rate']:.3f} over {rep['episodes']} episodes", flush=True)
     summary["success_rate"] = float(np.mean([s["success_rate"] for s in summary["suites"].values()]))
+    if robustness:
+        from vlarl.robustness import table, write_robustness
+
+        summary["robustness"] = table(suites[0], summary["suites"])
+        summary["robustness"]["files"] = write_robustness(summary["robustness"], out_dir)
+        print(f"vlarl.eval: robustness table {out_dir / 'robustness.md'}", flush=True)
     summary["elapsed_s"] = round(time.monotonic() - started, 1)
     write_json(out_dir / "report.json", summary)
     print(f"vlarl.eval: report {out_dir / 'report.json'}", flush=True)
@@ -220,11 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-states", help="init-state ids, e.g. 40-49 (default: the held-out ones)")
     p.add_argument("--videos", type=int, default=2, help="episodes recorded as MP4 per suite (default 2)")
     p.add_argument("--base-model", help="the model the run started from, when it is not where the run left it")
+    p.add_argument("--robustness", action="store_true",
+                   help="the base suite and its perturbed variants, with the robustness table (md, png, json)")
+    p.add_argument("--variants", help="with --robustness: comma-separated perturbations (swap,lan,with_mug) or "
+                                      "suite names (default: every runnable variant)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. rollout.num_envs=8")
     args = p.parse_args(argv)
+    if args.robustness and args.suites:
+        print("vlarl.eval: --robustness picks the suites itself; give --variants instead of --suites.", file=sys.stderr)
+        return 2
     try:
         evaluate_checkpoint(args.checkpoint, args.out, args.suites.split(",") if args.suites else None, args.tasks,
-                            args.init_states, args.videos, args.overrides, args.base_model)
+                            args.init_states, args.videos, args.overrides, args.base_model, args.robustness,
+                            args.variants.split(",") if args.variants else None)
     except EvalError as e:
         print(f"vlarl.eval: {e}", file=sys.stderr)
         return 2

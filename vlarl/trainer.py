@@ -346,6 +346,11 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
         ray.get([r.env_shape.remote() for r in rollout])
     learners, num_params = start_learners(cfg, model_folder, placement)
     env_probe = ray.get(rollout[0].env_shape.remote())
+    if env_probe["num_init_states"] == 0:
+        placement.remove()
+        raise ValueError(f"env.name={cfg.env.name} holds {env_probe['num_held_out_states']} init states per task, no "
+                         f"more than env.num_init_states={cfg.env.num_init_states}: it can be evaluated, not trained "
+                         f"on; lower env.num_init_states below {env_probe['num_held_out_states']} to train on it.")
     curriculum = ray.remote(CurriculumManager).options(**on_driver_node()).remote(
         env_probe["num_tasks"], env_probe["num_init_states"], cfg.trainer.curriculum_alpha,
         cfg.trainer.curriculum_floor, cfg.trainer.seed)

@@ -235,7 +235,77 @@ def test_eval_command_writes_report_and_playable_video(libero_run):
     assert np.std(frames[0]) > 5  # a rendered scene, not a blank frame
 
 
+def test_eval_robustness_writes_the_table_chart_and_json(libero_run):
+    run_dir, _, _ = libero_run
+    out = run_dir / "robust_out"
+    proc = subprocess.run([sys.executable, "-m", "vlarl.eval", "--checkpoint", str(run_dir / "best_return"),
+                           "--out", str(out), "--robustness", "--variants", "swap,with_milk", "--tasks", "0,1",
+                           "--init-states", "3", "--videos", "2", "rollout.num_envs=2", "env.max_steps=4",
+                           "cluster.dashboard=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    names = ["libero_spatial", "libero_spatial_swap", "libero_spatial_with_milk"]
+    rob = report["robustness"]
+    assert list(rob["suites"]) == names and rob["base"] == "libero_spatial"
+    for name in names:  # every cell counts the episodes that ran
+        episodes = report["suites"][name]["episode_results"]
+        row = rob["suites"][name]
+        assert row["episodes"] == len(episodes) == 2 and row["successes"] == sum(e["success"] for e in episodes)
+        assert [row["tasks"][t]["episodes"] for t in ("0", "1")] == [1, 1]
+        assert all(v.endswith("failure.mp4") for v in report["suites"][name]["videos"])
+    md = (out / "robustness.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+    from PIL import Image
+
+    chart = np.asarray(Image.open(out / "robustness.png").convert("L"))
+    assert chart.shape[0] > 200 and (chart < 128).mean() > 0.005  # axes, labels and interval bars drawn
+
+
+def test_each_perturbation_family_resets_steps_and_checks_success():
+    from vlarl.envs.libero_suites import check_suite
+
+    suites = ["libero_spatial_lan", "libero_spatial_object", "libero_spatial_swap", "libero_spatial_task",
+              "libero_spatial_with_mug"]
+    envs = {s: LiberoEnv(1, LiberoSpec(suite=s, num_tasks=10, num_init_states=40, max_steps=3, image_size=32,
+                                       camera_size=64, settle_steps=1)) for s in suites}
+    try:
+        for suite, e in envs.items():
+            e.reset([1], [45])
+            for _ in range(3):
+                res = e.step(HOLD[None])
+            assert res.truncated[0] and not res.info["success"][0], suite
+            assert res.obs["image"].shape == (1, 32, 32, 3) and np.std(res.obs["image"]) > 3
+        base = suite_tasks("libero_spatial")
+        lan, task = suite_tasks("libero_spatial_lan"), suite_tasks("libero_spatial_task")
+        assert all(a[1] != b[1] for a, b in zip(lan, base))  # every instruction paraphrased (the BDDL's)
+        assert any(a[1] != b[1] for a, b in zip(task, base))  # redesigned goals say so
+        for same in ("libero_spatial_swap", "libero_spatial_with_mug", "libero_spatial_object"):
+            assert [i for _, i in suite_tasks(same)] == [i for _, i in base], same
+        # a variant with 10 init states per task is evaluation-only: all of them held out
+        milk = LiberoEnv(1, LiberoSpec(suite="libero_spatial_with_milk", num_tasks=10, num_init_states=40, max_steps=3))
+        assert (milk.num_init_states, milk.num_held_out_states) == (0, 10)
+        with pytest.raises(ValueError, match="choose 1..49"):
+            LiberoEnv(1, LiberoSpec(suite="libero_spatial", num_tasks=10, num_init_states=50, max_steps=3))
+        with pytest.raises(ValueError, match="libero_spatial: .base., lan"):
+            check_suite("libero_spatial_nonesuch")
+    finally:
+        for e in envs.values():
+            e.close()
+
+
 def test_eval_command_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlarl.eval", "--checkpoint", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not a vlarl checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_perturbed_suite_is_a_valid_env_name_and_an_unknown_one_lists_the_suites():
+    from vlarl.config import ConfigError, load_config
+
+    assert load_config(["env=libero_goal", "env.name=libero_goal_swap"]).env.name == "libero_goal_swap"
+    with pytest.raises(ConfigError, match="libero_goal: .base., lan, object, swap") as err:
+        load_config(["env=libero_goal", "env.name=libero_goal_nonesuch"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not installed"):
+        load_config(["env=libero_goal", "env.name=libero_goal_env"])

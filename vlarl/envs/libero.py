@@ -13,6 +13,9 @@ emits n actions (7n values) per call and the simulator executes them in order, s
 
 Init states: LIBERO stores 50 per task. Training draws from the first `num_init_states`, evaluation
 from the rest (`held_out_episodes`), so reported success is never measured on trained-on states.
+Suites: the standard five and the perturbed variants the installed benchmark lists (libero_suites.py);
+a variant with no more init states than `num_init_states` (some hold 10) is evaluation-only: all of
+its states are held out.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ import numpy as np
 from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
 from vlarl.envs.base import StepResult, VecEnv
 
-SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
-                   "libero_90": 400}  # the common evaluation protocol's limits
-SUITE_INIT_STATES = 50
+from vlarl.envs.libero_suites import STANDARD as SUITE_MAX_STEPS  # the standard suites' step limits
+from vlarl.envs.libero_suites import base_suite, check_suite, perturbation
+
+SUITE_INIT_STATES = 50  # init states per task of the standard suites
 RENDER_HELP = ("LIBERO renders its cameras with OpenGL and neither EGL nor OSMesa works here: install Debian's "
                "libosmesa6 (apt-get install -y libosmesa6) for CPU rendering, or use a machine with an NVIDIA "
                "driver for EGL.")
@@ -64,16 +68,52 @@ class LiberoSpec:
     render: str = "auto"  # auto | egl | osmesa
 
 
+def bddl_language(path: str) -> str:
+    """The `(:language ...)` instruction a BDDL task file states, whitespace normalised."""
+    import re
+
+    with open(path) as f:
+        match = re.search(r"\(:language\s+([^)]*)\)", f.read())
+    return " ".join(match.group(1).split()) if match else ""
+
+
 @functools.lru_cache(maxsize=None)
 def suite_tasks(suite: str) -> list[tuple[str, str]]:
-    """(name, instruction) of every task in a suite, in the suite's order."""
-    if suite not in SUITE_MAX_STEPS:
-        raise ValueError(f"unknown LIBERO suite {suite!r}; choose one of {', '.join(SUITE_MAX_STEPS)}.")
+    """(name, instruction) of every task in a suite, in the suite's order.
+
+    Standard suites: the benchmark's task language (what the published evaluations prompt with).
+    Perturbed variants: the same, unless the variant's BDDL file states another instruction than the
+    base suite's file for that task (LIBERO-PRO's `_lan` paraphrases, `_task` redesigned goals): then
+    that one. The benchmark's task language is derived from the task name, which those variants keep,
+    so it would still give the base instruction."""
+    check_suite(suite)
     with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints its task order on every load
         from libero.libero import benchmark
 
+        listed = benchmark.get_benchmark_dict()
+        s = listed[suite]()
+        tasks = [(s.get_task(i).name, s.get_task(i).language) for i in range(s.n_tasks)]
+        if not perturbation(suite):
+            return tasks
+        base = listed[base_suite(suite)]()
+        stated = [bddl_language(base.get_task_bddl_file_path(i)) for i in range(base.n_tasks)]
+        out = []
+        for i, (name, language) in enumerate(tasks):  # variants keep the base suite's task order
+            own = bddl_language(s.get_task_bddl_file_path(i))
+            changed = own and (i >= len(stated) or own.lower() != stated[i].lower())
+            out.append((name, own if changed else language))
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def suite_init_states(suite: str) -> int:
+    """Init states per task of a suite (50 for the standard ones; some perturbed variants hold 10)."""
+    check_suite(suite)
+    with contextlib.redirect_stdout(io.StringIO()):
+        from libero.libero import benchmark
+
         s = benchmark.get_benchmark_dict()[suite]()
-    return [(s.get_task(i).name, s.get_task(i).language) for i in range(s.n_tasks)]
+        return min(len(s.get_task_init_states(i)) for i in range(s.n_tasks))
 
 
 def to_robosuite(actions: np.ndarray, action_chunk: int, invert_gripper: bool) -> np.ndarray:
@@ -147,9 +187,11 @@ class LiberoEnv(VecEnv):
         if not 1 <= spec.num_tasks <= len(tasks):
             raise ValueError(f"env.num_tasks={spec.num_tasks} but {spec.suite} has {len(tasks)} tasks; "
                              f"choose 1..{len(tasks)}.")
-        if not 1 <= spec.num_init_states < SUITE_INIT_STATES:
+        total = suite_init_states(spec.suite)
+        evaluation_only = perturbation(spec.suite) and spec.num_init_states >= total
+        if not evaluation_only and not 1 <= spec.num_init_states < total:
             raise ValueError(f"env.num_init_states={spec.num_init_states} must leave held-out init states for "
-                             f"evaluation: choose 1..{SUITE_INIT_STATES - 1} of LIBERO's {SUITE_INIT_STATES}.")
+                             f"evaluation: choose 1..{total - 1} of {spec.suite}'s {total}.")
         if spec.image_size > spec.camera_size:
             raise ValueError(f"env.image_size={spec.image_size} exceeds env.camera_size={spec.camera_size}; "
                              "render at least at the model's size.")
@@ -157,8 +199,11 @@ class LiberoEnv(VecEnv):
         self.num_envs = num_envs
         self.tasks = tasks[:spec.num_tasks]
         self.num_tasks = len(self.tasks)
-        self.num_init_states = spec.num_init_states
-        self.num_held_out_states = SUITE_INIT_STATES - spec.num_init_states
+        # A perturbed suite with no more init states than training draws from is evaluation-only: every
+        # state is held out (num_init_states 0; the trainer refuses to train on it).
+        self.num_init_states = 0 if evaluation_only else spec.num_init_states
+        self.num_held_out_states = total - self.num_init_states
+        self.total_init_states = total
         if not 0 <= spec.replan_steps <= spec.action_chunk:
             raise ValueError(f"env.replan_steps={spec.replan_steps} must lie in 0..env.action_chunk "
                              f"({spec.action_chunk}); 0 executes the whole chunk.")
@@ -189,9 +234,9 @@ class LiberoEnv(VecEnv):
         if len(task_ids) != self.num_envs or len(init_state_ids) != self.num_envs:
             raise ValueError(f"reset needs {self.num_envs} task and init-state ids.")
         for t, k in zip(task_ids, init_state_ids):
-            if not (0 <= t < self.num_tasks and 0 <= k < SUITE_INIT_STATES):
+            if not (0 <= t < self.num_tasks and 0 <= k < self.total_init_states):
                 raise ValueError(f"task {t} / init state {k} is outside {self.spec.suite} "
-                                 f"({self.num_tasks} tasks, {SUITE_INIT_STATES} init states each).")
+                                 f"({self.num_tasks} tasks, {self.total_init_states} init states each).")
         self._gather(list(self._waiting))  # steps a failed caller sent but never collected
         self._episode = list(zip(map(int, task_ids), map(int, init_state_ids)))
         self._steps[:] = 0

@@ -1,0 +1,114 @@
+"""The robustness table: success on a base LIBERO suite and on each perturbed variant, side by side.
+
+For each suite: episodes, successes, the success rate with its 95 % Wilson score interval, the ratio
+to the base suite's (in-distribution) success, and the same per task. Written as report JSON (the
+`robustness` entry), a Markdown table and a bar chart PNG with the intervals as error bars
+(`write_robustness`). Rows come from the episodes actually run (vlarl.eval's per-suite reports).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a success rate; (0, 1) for no episodes."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell(successes: int, n: int, base_rate: float | None) -> dict:
+    rate = successes / n if n else 0.0
+    lo, hi = wilson(successes, n)
+    return {"episodes": n, "successes": successes, "success_rate": rate, "ci95": [lo, hi],
+            "ratio_to_base": (rate / base_rate) if base_rate else None}
+
+
+def table(base: str, suites: dict[str, dict]) -> dict:
+    """suites: {suite: vlarl.eval report (episode_results, tasks)} with the base among them -> the table."""
+    from vlarl.envs.libero_suites import describe, perturbation
+
+    def counts(rep, task=None):
+        eps = [e for e in rep["episode_results"] if task is None or e["task"] == task]
+        return sum(e["success"] for e in eps), len(eps)
+
+    base_rep = suites[base]
+    k, n = counts(base_rep)
+    base_rate = k / n if n else None
+    rows = {}
+    for name, rep in suites.items():
+        row = {"perturbation": perturbation(name) or "none", "changes": describe(name),
+               **cell(*counts(rep), base_rate), "tasks": {}}
+        for t, info in rep["tasks"].items():
+            bk, bn = counts(base_rep, int(t)) if t in base_rep["tasks"] else (0, 0)
+            row["tasks"][t] = {"instruction": info["instruction"],
+                               **cell(*counts(rep, int(t)), bk / bn if bn else None)}
+        rows[name] = row
+    return {"base": base, "suites": rows}
+
+
+def markdown(result: dict) -> str:
+    """The table as Markdown: one row per suite, then per task."""
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = [f"# Robustness: {result['base']} and its perturbed variants", "",
+             "| suite | perturbation | episodes | success | 95% interval | ratio to base |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["suites"].items():
+        lo, hi = r["ci95"]
+        lines.append(f"| {name} | {r['changes']} | {r['episodes']} | {pct(r['success_rate'])} | "
+                     f"{pct(lo)} - {pct(hi)} | {ratio(r['ratio_to_base'])} |")
+    lines += ["", "## Per task", "", "| suite | task | episodes | success | 95% interval | ratio to base |",
+              "|---|---|---|---|---|---|"]
+    for name, r in result["suites"].items():
+        for t, c in r["tasks"].items():
+            lo, hi = c["ci95"]
+            lines.append(f"| {name} | {t}: {c['instruction']} | {c['episodes']} | {pct(c['success_rate'])} | "
+                         f"{pct(lo)} - {pct(hi)} | {ratio(c['ratio_to_base'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, path: Path) -> None:
+    """Success per suite with 95 % intervals as error bars, the base suite's level as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["suites"])
+    rates = [result["suites"][n]["success_rate"] for n in names]
+    lo = [r - result["suites"][n]["ci95"][0] for n, r in zip(names, rates)]
+    hi = [result["suites"][n]["ci95"][1] - r for n, r in zip(names, rates)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(names) + 2), 4.5))
+    colours = ["#1f77b4" if n == result["base"] else "#ff7f0e" for n in names]
+    ax.bar(range(len(names)), rates, yerr=[lo, hi], capsize=4, color=colours)
+    ax.axhline(result["suites"][result["base"]]["success_rate"], color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.removeprefix(result["base"] + "_") if n != result["base"] else "base" for n in names],
+                       rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("greedy success (95% interval)")
+    ax.set_title(f"{result['base']}: success under perturbation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_robustness(result: dict, folder: Path) -> dict[str, str]:
+    """robustness.md and robustness.png in `folder`; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    md, png = folder / "robustness.md", folder / "robustness.png"
+    md.write_text(markdown(result))
+    bar_chart(result, png)
+    return {"markdown": str(md), "chart": str(png)}
