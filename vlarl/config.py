@@ -200,6 +200,9 @@ class RolloutConfig:
     eval_episodes: int = 64  # greedy episodes for eval/success_rate
     eval_every: int = 5  # evaluate greedily every N iterations; 0 = never
     eval_videos: int = 2  # evaluation episodes saved as MP4 under run_dir/eval/ each time; 0 = none
+    eval_robustness: bool = False  # LIBERO: also evaluate the base suite's perturbed variants (eval_robust/<variant>/*)
+    eval_robustness_every: int = 0  # iterations between robustness evaluations; 0: at every rollout.eval_every
+    eval_robustness_variants: list = field(default_factory=list)  # perturbations (swap, lan, with_mug, ...); []: all runnable
     compile: bool = False  # torch.compile a flow policy's denoising step or OFT's parallel decoder pass (CUDA graphs on GPU); bench/flow_denoise.py, bench/oft_decode.py
 
 
@@ -437,6 +440,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.algo.microbatch_size < 0:
         raise ConfigError(f"algo.microbatch_size must be >= 0 (0 runs each rank's share of a minibatch at once), "
                           f"got {cfg.algo.microbatch_size}.")
+    _check_robustness(cfg)
     if cfg.rollout.eval_every < 0:
         raise ConfigError(f"rollout.eval_every must be >= 0 (0 turns evaluation off), got {cfg.rollout.eval_every}.")
     if cfg.algo.dynamic_sampling and cfg.algo.group_size < 2:
@@ -463,6 +467,44 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"env.settle_steps must be >= 0, got {cfg.env.settle_steps}.")
     if cfg.reward.human_timeout < 0 or not 0 <= cfg.reward.port < 65536:
         raise ConfigError("reward.human_timeout must be >= 0 and reward.port in 0..65535 (0 picks a free port).")
+
+
+def robustness_variants(cfg: DictConfig) -> list[str]:
+    """The perturbed suites rollout.eval_robustness evaluates: rollout.eval_robustness_variants
+    (perturbation or suite names) or every runnable variant of the trained-on suite's base."""
+    from vlarl.envs.libero_suites import base_suite, variants
+
+    base = base_suite(cfg.env.name)
+    named = list(cfg.rollout.eval_robustness_variants)
+    if not named:  # the base too when a variant is trained on
+        return [s for s in [base, *variants(base)] if s != cfg.env.name]
+    return [v if v.startswith(base) else f"{base}_{v}" for v in named]
+
+
+def _check_robustness(cfg: DictConfig) -> None:
+    """rollout.eval_robustness: a LIBERO run, variants that exist, none of them trained on."""
+    r = cfg.rollout
+    if r.eval_robustness_every < 0:
+        raise ConfigError(f"rollout.eval_robustness_every must be >= 0, got {r.eval_robustness_every}.")
+    if not r.eval_robustness:
+        if r.eval_robustness_variants:
+            raise ConfigError("rollout.eval_robustness_variants is set but rollout.eval_robustness=false; set "
+                              "rollout.eval_robustness=true to evaluate them.")
+        return
+    from vlarl.envs.libero_suites import SuiteError, base_suite, check_suite
+
+    if cfg.env.name == "toy" or base_suite(cfg.env.name) is None:
+        raise ConfigError(f"rollout.eval_robustness evaluates LIBERO's perturbed suites; env={cfg.env.name} has none.")
+    if not (r.eval_every or r.eval_robustness_every):
+        raise ConfigError("rollout.eval_robustness needs rollout.eval_every or rollout.eval_robustness_every > 0.")
+    for suite in robustness_variants(cfg):
+        if suite == cfg.env.name:
+            raise ConfigError(f"{suite} is trained on (env.name) and cannot also be reported as held out in "
+                              "rollout.eval_robustness_variants; drop it from the list.")
+        try:
+            check_suite(suite)
+        except SuiteError as e:
+            raise ConfigError(f"rollout.eval_robustness_variants: {e}") from None
 
 
 def _check_env_name(name: str) -> None:

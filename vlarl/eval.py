@@ -34,9 +34,10 @@ from vlarl.data.video import write_video
 
 # ---- shared with the trainer ------------------------------------------------------------------
 def greedy_episodes(rollout_workers: list, per_worker: int, episodes: list[tuple[int, int]], seed_iteration: int,
-                    record: int, version: int) -> EvalEpisodes:
-    """Run `episodes` [(task, init state)] greedily, per_worker at a time on each worker; the first
-    `record` come back with videos. The last round is padded with repeats that are then dropped.
+                    record: int, version: int, suite: str | None = None) -> EvalEpisodes:
+    """Run `episodes` [(task, init state)] greedily, per_worker at a time on each worker (on another
+    LIBERO suite than the one trained on with `suite`); the first `record` come back with videos.
+    The last round is padded with repeats that are then dropped.
     (A lost worker raises here; in training the trainer recovers and runs the iteration again.)"""
     import ray
 
@@ -50,7 +51,7 @@ def greedy_episodes(rollout_workers: list, per_worker: int, episodes: list[tuple
             start = (r * len(rollout_workers) + i) * per_worker
             chunk = padded[start:start + per_worker]
             jobs.append(([t for t, _ in chunk], [k for _, k in chunk], min(max(record - start, 0), per_worker)))
-        results = ray.get([w.evaluate.remote(t, k, seed_iteration + r, rec)
+        results = ray.get([w.evaluate.remote(t, k, seed_iteration + r, rec, suite)
                            for w, (t, k, rec) in zip(rollout_workers, jobs)])
         if any(res.weights_version != version for res in results):
             raise RuntimeError(f"rollout workers did not take weights version {version}; check the worker logs.")

@@ -56,11 +56,19 @@ class DashboardGauges:
         self.per_task = {name: Gauge(gauge_name(f"curriculum/task_{name}"), tag_keys=("run", "task"),
                                      description=f"vlarl curriculum: {name.replace('_', ' ')} of each task")
                          for name in ("prob", "success_ema")}
+        # eval_robust/<perturbation>/<stat>: one gauge per stat, the perturbation as a tag
+        self.robust = {stat: Gauge(gauge_name(f"eval_robust/{stat}"), tag_keys=("run", "perturbation"),
+                                   description=f"vlarl robustness evaluation: {stat.replace('_', ' ')} per perturbation")
+                       for stat in ("success_rate", "ratio_to_base")}
 
     def set(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list[float]] | None = None) -> None:
         for key, value in {"iteration": iteration, **metrics}.items():
             if key in self.gauges:
                 self.gauges[key].set(float(value), tags=self.tags)
+            elif key.startswith("eval_robust/") and key.count("/") == 2:
+                _, perturbation, stat = key.split("/")
+                if stat in self.robust:
+                    self.robust[stat].set(float(value), tags={**self.tags, "perturbation": perturbation})
         for name, values in (tasks or {}).items():
             for task, value in enumerate(values):
                 self.per_task[name].set(float(value), tags={**self.tags, "task": str(task)})

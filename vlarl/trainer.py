@@ -169,9 +169,14 @@ def iteration(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: Rewa
     with timer("sync"):
         version = push_weights(cfg, w, version + 1)
     w.curriculum.report.remote(collected.task_ids.tolist(), collected.success.astype(float).tolist())
+    evaluated = None
     if cfg.rollout.eval_every and (it + 1) % cfg.rollout.eval_every == 0:
         with timer("eval"):
-            metrics["eval/success_rate"] = evaluate(cfg, w, it, version)
+            evaluated = evaluate(cfg, w, it, version)
+            metrics["eval/success_rate"] = evaluated["success_rate"]
+    if robustness_due(cfg, it):
+        with timer("eval_robustness"):
+            metrics.update(evaluate_robustness(cfg, w, it, version, evaluated))
     env_steps += steps_collected
     metrics.update(sampled, **reward.metrics(), **ray.get(w.curriculum.stats.remote()), **w.faults)
     metrics["env/restarts"] = batch.env_restarts
@@ -471,21 +476,53 @@ def push_weights(cfg: DictConfig, w: Workers, version: int) -> int:
     return version
 
 
-def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int) -> float:
-    """Greedy success over rollout.eval_episodes held-out episodes; the per-task report and videos of
-    the first rollout.eval_videos episodes go to run_dir/eval/iter_NNNNNN/."""
+def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int, suite: str | None = None) -> dict:
+    """Greedy success over rollout.eval_episodes held-out episodes (of `suite`, default the one trained
+    on); the report (per task, per episode) and videos of the first rollout.eval_videos episodes go to
+    run_dir/eval/iter_NNNNNN/ (a robustness suite's under its name). Returns the report."""
     from vlarl.eval import greedy_episodes, report, write_json, write_videos
 
-    probe = ray.get(w.rollout[0].env_shape.remote())
+    probe = ray.get(w.rollout[0].env_shape.remote(suite))
     tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"], probe["num_held_out_states"], 0,
                                      cfg.rollout.eval_episodes)
     result = greedy_episodes(w.rollout, cfg.rollout.num_envs // len(w.rollout), list(zip(tasks, inits)),
-                             10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version)
+                             10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version, suite)
     folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
-    rep = report(result, probe["instructions"], cfg.env.name)
-    rep["videos"] = write_videos(result, folder)
-    write_json(folder / "report.json", rep)
-    return rep["success_rate"]
+    rep = report(result, probe["instructions"], suite or cfg.env.name)
+    rep["videos"] = write_videos(result, folder if suite is None else folder / suite, failures_only=suite is not None)
+    write_json(folder / ("report.json" if suite is None else f"{suite}/report.json"), rep)
+    return rep
+
+
+def robustness_due(cfg: DictConfig, it: int) -> bool:
+    every = cfg.rollout.eval_robustness_every or cfg.rollout.eval_every
+    return bool(cfg.rollout.eval_robustness and every and (it + 1) % every == 0)
+
+
+def evaluate_robustness(cfg: DictConfig, w: Workers, iteration: int, version: int, evaluated: dict | None) -> dict:
+    """The trained-on suite (its evaluation of this iteration, when there was one) and each of
+    rollout.eval_robustness's perturbed suites on the same episode budget -> eval_robust/<perturbation>/
+    success_rate and ratio_to_base metrics; the table (json, md, png) goes to run_dir/eval/iter_NNNNNN/."""
+    from vlarl.config import robustness_variants
+    from vlarl.eval import write_json
+    from vlarl.robustness import table, write_robustness
+
+    suites = {cfg.env.name: evaluated or evaluate(cfg, w, iteration, version)}
+    for suite in robustness_variants(cfg):
+        suites[suite] = evaluate(cfg, w, iteration, version, suite)
+    result = table(cfg.env.name, suites)
+    folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
+    result["files"] = write_robustness(result, folder)
+    write_json(folder / "robustness.json", result)
+    out = {}
+    for suite, row in result["suites"].items():
+        if suite == cfg.env.name:
+            continue
+        name = row["perturbation"] if row["perturbation"] != "none" else "base"
+        out[f"eval_robust/{name}/success_rate"] = row["success_rate"]
+        if row["ratio_to_base"] is not None:
+            out[f"eval_robust/{name}/ratio_to_base"] = row["ratio_to_base"]
+    return out
 
 
 def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: int) -> int:
@@ -493,12 +530,12 @@ def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: 
     logged as iteration -1 so the gain RL brings stays visible. Returns the weights version."""
     metrics = {}
     if cfg.rollout.eval_every:
-        metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1, version)
+        metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1, version)["success_rate"]
     if cfg.trainer.bc_warmup_steps > 0:
         metrics.update(warm_start(cfg, w))
         version = push_weights(cfg, w, version + 1)
         if cfg.rollout.eval_every:
-            metrics["eval/success_rate"] = evaluate(cfg, w, -1, version)
+            metrics["eval/success_rate"] = evaluate(cfg, w, -1, version)["success_rate"]
     if metrics:
         logger.record(-1, metrics)
         logger.info("vlarl: before RL: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -239,7 +239,7 @@ def test_eval_robustness_writes_the_table_chart_and_json(libero_run):
     run_dir, _, _ = libero_run
     out = run_dir / "robust_out"
     proc = subprocess.run([sys.executable, "-m", "vlarl.eval", "--checkpoint", str(run_dir / "best_return"),
-                           "--out", str(out), "--robustness", "--variants", "swap,with_milk", "--tasks", "0,1",
+                           "--out", str(out), "--robustness", "--variants", "swap,with_milk", "--tasks", "0",
                            "--init-states", "3", "--videos", "2", "rollout.num_envs=2", "env.max_steps=4",
                            "cluster.dashboard=false"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -251,8 +251,8 @@ def test_eval_robustness_writes_the_table_chart_and_json(libero_run):
     for name in names:  # every cell counts the episodes that ran
         episodes = report["suites"][name]["episode_results"]
         row = rob["suites"][name]
-        assert row["episodes"] == len(episodes) == 2 and row["successes"] == sum(e["success"] for e in episodes)
-        assert [row["tasks"][t]["episodes"] for t in ("0", "1")] == [1, 1]
+        assert row["episodes"] == len(episodes) == 1 and row["successes"] == sum(e["success"] for e in episodes)
+        assert list(row["tasks"]) == ["0"] and row["tasks"]["0"]["episodes"] == 1
         assert all(v.endswith("failure.mp4") for v in report["suites"][name]["videos"])
     md = (out / "robustness.md").read_text()
     assert all(f"| {n} |" in md for n in names)
@@ -309,3 +309,44 @@ def test_a_perturbed_suite_is_a_valid_env_name_and_an_unknown_one_lists_the_suit
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="not installed"):
         load_config(["env=libero_goal", "env.name=libero_goal_env"])
+
+
+def test_robustness_settings_that_do_not_fit_stop_at_start():
+    from vlarl.config import ConfigError, load_config
+
+    cases = {"has none": ["env=toy", "rollout.eval_robustness=true"],
+             "cannot also be reported as held out": ["env=libero_goal", "env.name=libero_goal_swap",
+                                                     "rollout.eval_robustness=true",
+                                                     "rollout.eval_robustness_variants=[swap]"],
+             "unknown LIBERO suite": ["env=libero_goal", "rollout.eval_robustness=true",
+                                      "rollout.eval_robustness_variants=[nonesuch]"],
+             "set rollout.eval_robustness=true": ["env=libero_goal", "rollout.eval_robustness_variants=[swap]"]}
+    for words, overrides in cases.items():
+        with pytest.raises(ConfigError, match=words):
+            load_config(overrides)
+    from vlarl.config import robustness_variants
+
+    cfg = load_config(["env=libero_goal", "env.name=libero_goal_swap", "rollout.eval_robustness=true"])
+    suites = robustness_variants(cfg)
+    assert "libero_goal" in suites and "libero_goal_swap" not in suites and "libero_goal_lan" in suites
+
+
+def test_training_reports_robustness_each_evaluation(ray_local, tmp_path):
+    from vlarl.config import load_config
+    from vlarl.trainer import train
+
+    train(load_config([f"trainer.run_dir={tmp_path}", "env=libero_spatial", "trainer.iterations=1",
+                       "rollout.num_envs=1", "env.max_steps=4", "rollout.eval_every=0",
+                       "rollout.eval_robustness_every=1", "rollout.eval_episodes=1",
+                       "rollout.eval_videos=0", "rollout.eval_robustness=true",
+                       "rollout.eval_robustness_variants=[with_milk]", "cluster.dashboard=false",
+                       "algo.minibatch_size=8", "algo.epochs=1"]))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert 0 <= last["eval_robust/with_milk/success_rate"] <= 1
+    table = json.loads((tmp_path / "eval" / "iter_000001" / "robustness.json").read_text())
+    milk = json.loads((tmp_path / "eval" / "iter_000001" / "libero_spatial_with_milk" / "report.json").read_text())
+    assert list(table["suites"]) == ["libero_spatial", "libero_spatial_with_milk"]
+    assert table["suites"]["libero_spatial_with_milk"]["episodes"] == milk["episodes"] == 1
+    assert [e["init_state"] for e in milk["episode_results"]] == [0]  # evaluation-only: from state 0 on
+    assert (tmp_path / "eval" / "iter_000001" / "robustness.png").stat().st_size > 5000

@@ -52,6 +52,7 @@ class RolloutWorker:
         else:
             self.engine = make_engine(model, tokenizer, action_tokenizer, device, self.cfg.rollout.compile)
         self.env = make_env(self.cfg.env, num_envs, self.cfg.trainer.seed)
+        self.suite_envs: dict = {}  # other LIBERO suites evaluated on (robustness), built on first use
         self.num_envs = num_envs
         self.weights_version = 0
         self.weight_group = None  # token of the learner's NCCL weight-sync group this engine joined
@@ -96,7 +97,7 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         """Close the environments (LIBERO: stop the simulator processes) and the engine before the actor goes."""
-        for thing in (self.env, self.engine):
+        for thing in (self.env, *self.suite_envs.values(), self.engine):
             close = getattr(thing, "close", None)
             if close:
                 close()
@@ -107,9 +108,23 @@ class RolloutWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def env_shape(self) -> dict:
+    def env_for(self, suite: str | None):
+        """The environment of `suite` (None: the one trained on); another LIBERO suite gets envs of its
+        own, with its base suite's step limit (rollout.eval_robustness)."""
+        if suite is None or suite == self.cfg.env.name:
+            return self.env
+        if suite not in self.suite_envs:
+            from vlarl.envs.libero import suite_tasks
+            from vlarl.envs.libero_suites import max_steps
+
+            env_cfg = OmegaConf.merge(self.cfg.env, {"name": suite, "max_steps": max_steps(suite),
+                                                     "num_tasks": len(suite_tasks(suite))})
+            self.suite_envs[suite] = make_env(env_cfg, self.num_envs, self.cfg.trainer.seed)
+        return self.suite_envs[suite]
+
+    def env_shape(self, suite: str | None = None) -> dict:
         """What the driver needs to plan episodes: task and init-state counts, step limit."""
-        e = self.env
+        e = self.env_for(suite)
         return {"num_tasks": e.num_tasks, "num_init_states": e.num_init_states,
                 "num_held_out_states": e.num_held_out_states, "max_steps": e.max_steps,
                 "instructions": e.instructions()}
@@ -122,10 +137,12 @@ class RolloutWorker:
         batch.videos = videos
         return batch
 
-    def evaluate(self, task_ids: list[int], init_state_ids: list[int], iteration: int, record: int = 0) -> EvalEpisodes:
-        """Greedy episodes; the first `record` come back with their frames for videos."""
+    def evaluate(self, task_ids: list[int], init_state_ids: list[int], iteration: int, record: int = 0,
+                 suite: str | None = None) -> EvalEpisodes:
+        """Greedy episodes (on another LIBERO suite with `suite`); the first `record` come back with
+        their frames for videos."""
         batch, videos = self._episodes(task_ids, init_state_ids, list(range(len(task_ids))),
-                                       self._policy(iteration, True), record)
+                                       self._policy(iteration, True), record, self.env_for(suite))
         return EvalEpisodes(task_ids=batch.task_ids, init_state_ids=batch.init_state_ids, success=batch.success,
                             returns=batch.episode_returns, lengths=batch.lengths, videos=videos,
                             weights_version=batch.weights_version, env_restarts=batch.env_restarts)
@@ -158,12 +175,13 @@ class RolloutWorker:
             return obs
         return {**obs, "image": self.frame_transform(obs)}
 
-    def _episodes(self, task_ids, init_state_ids, group_ids, policy, record: int = 0) -> tuple[TrajectoryBatch, dict]:
+    def _episodes(self, task_ids, init_state_ids, group_ids, policy, record: int = 0, env=None
+                  ) -> tuple[TrajectoryBatch, dict]:
         """Run every environment to the end of one episode, stage by stage (module docstring). `policy`
         maps (observation rows, their env ids) to (record, logprobs, actions). Returns the batch and, for
         the first `record` episodes, their frames (camera frames where the env renders them, else model
         images)."""
-        n, env = self.num_envs, self.env
+        n, env = self.num_envs, env or self.env
         if len(task_ids) != n:
             raise ValueError(f"worker {self.index} runs {n} environments but was given {len(task_ids)} tasks.")
         restarts = getattr(env, "restarts", 0)
