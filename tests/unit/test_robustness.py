@@ -20,6 +20,15 @@ def test_wilson_interval_equals_scipys(k, n):
 
 def test_wilson_hand_case():
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    for n in range(1, 200):  # exact at the ends, and the rate always inside (error bars never negative)
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        assert all(wilson(k, n)[0] <= k / n <= wilson(k, n)[1] for k in range(n + 1))
+
+
+def test_chart_of_suites_that_all_failed(tmp_path):
+    suites = {s: report(s, {0: [False] * 6}) for s in ("libero_10", "libero_10_swap", "libero_10_lan")}
+    files = write_robustness(table("libero_10", suites), tmp_path)
+    assert np.asarray(Image.open(files["chart"]).convert("L")).min() < 100  # drawn: axes, labels, interval bars
 
 
 def report(suite: str, successes: dict[int, list[bool]]) -> dict:
