@@ -459,7 +459,6 @@ def validate(cfg: DictConfig) -> None:
         _check_vllm(cfg)
     check_transport(cfg)
     validate_flow(cfg)
-    _check_env_name(cfg.env.name)
     if not 0 <= cfg.env.replan_steps <= cfg.env.action_chunk:
         raise ConfigError(f"env.replan_steps={cfg.env.replan_steps} must lie in 0..env.action_chunk "
                           f"({cfg.env.action_chunk}); 0 executes the whole chunk before the next policy call.")
@@ -469,20 +468,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("reward.human_timeout must be >= 0 and reward.port in 0..65535 (0 picks a free port).")
 
 
-def robustness_variants(cfg: DictConfig) -> list[str]:
-    """The perturbed suites rollout.eval_robustness evaluates: rollout.eval_robustness_variants
-    (perturbation or suite names) or every runnable variant of the trained-on suite's base."""
-    from vlarl.envs.libero_suites import base_suite, variants
-
-    base = base_suite(cfg.env.name)
-    named = list(cfg.rollout.eval_robustness_variants)
-    if not named:  # the base too when a variant is trained on
-        return [s for s in [base, *variants(base)] if s != cfg.env.name]
-    return [v if v.startswith(base) else f"{base}_{v}" for v in named]
-
-
 def _check_robustness(cfg: DictConfig) -> None:
-    """rollout.eval_robustness: a LIBERO run, variants that exist, none of them trained on."""
+    """rollout.eval_robustness settings that fit together (the suites themselves: vlarl.preflight)."""
     r = cfg.rollout
     if r.eval_robustness_every < 0:
         raise ConfigError(f"rollout.eval_robustness_every must be >= 0, got {r.eval_robustness_every}.")
@@ -491,32 +478,10 @@ def _check_robustness(cfg: DictConfig) -> None:
             raise ConfigError("rollout.eval_robustness_variants is set but rollout.eval_robustness=false; set "
                               "rollout.eval_robustness=true to evaluate them.")
         return
-    from vlarl.envs.libero_suites import SuiteError, base_suite, check_suite
-
-    if cfg.env.name == "toy" or base_suite(cfg.env.name) is None:
+    if not cfg.env.name.startswith("libero"):
         raise ConfigError(f"rollout.eval_robustness evaluates LIBERO's perturbed suites; env={cfg.env.name} has none.")
     if not (r.eval_every or r.eval_robustness_every):
         raise ConfigError("rollout.eval_robustness needs rollout.eval_every or rollout.eval_robustness_every > 0.")
-    for suite in robustness_variants(cfg):
-        if suite == cfg.env.name:
-            raise ConfigError(f"{suite} is trained on (env.name) and cannot also be reported as held out in "
-                              "rollout.eval_robustness_variants; drop it from the list.")
-        try:
-            check_suite(suite)
-        except SuiteError as e:
-            raise ConfigError(f"rollout.eval_robustness_variants: {e}") from None
-
-
-def _check_env_name(name: str) -> None:
-    """toy, a standard LIBERO suite, or a perturbed variant the installed benchmark lists."""
-    from vlarl.envs.libero_suites import STANDARD, SuiteError, check_suite
-
-    if name == "toy" or name in STANDARD:
-        return
-    try:
-        check_suite(name)
-    except SuiteError as e:
-        raise ConfigError(str(e)) from None
 
 
 def _check_vllm(cfg: DictConfig) -> None:

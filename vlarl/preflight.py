@@ -24,7 +24,18 @@ def load_run_config(argv: list[str]) -> DictConfig:
 def check_components(cfg: DictConfig) -> None:
     check_reward(cfg)
     check_env(cfg)
+    check_robustness_suites(cfg)
     check_model_folder(cfg)
+
+
+def check_robustness_suites(cfg: DictConfig) -> None:
+    """rollout.eval_robustness's suites exist here and none of them is trained on."""
+    from vlarl.robustness import check_robustness
+
+    try:
+        check_robustness(cfg)
+    except ValueError as e:
+        raise ConfigError(f"rollout.eval_robustness_variants: {e}") from None
 
 
 def check_reward(cfg: DictConfig) -> None:

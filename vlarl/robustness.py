@@ -14,6 +14,34 @@ from pathlib import Path
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
 
 
+def robustness_variants(cfg) -> list[str]:
+    """The suites rollout.eval_robustness evaluates besides the one trained on: the
+    rollout.eval_robustness_variants (perturbation or suite names), or the trained-on suite's base
+    and every runnable variant of it."""
+    from vlarl.envs.libero_suites import base_suite, variants
+
+    base = base_suite(cfg.env.name)
+    named = list(cfg.rollout.eval_robustness_variants)
+    if not named:  # the base too when a variant is trained on
+        return [s for s in [base, *variants(base)] if s != cfg.env.name]
+    return [v if v.startswith(base) else f"{base}_{v}" for v in named]
+
+
+def check_robustness(cfg) -> None:
+    """ValueError unless every suite rollout.eval_robustness names runs here and none is trained on."""
+    from vlarl.envs.libero_suites import base_suite, check_suite
+
+    if not cfg.rollout.eval_robustness:
+        return
+    if base_suite(cfg.env.name) is None:
+        raise ValueError(f"rollout.eval_robustness needs a LIBERO suite; env.name={cfg.env.name} is not one.")
+    for suite in robustness_variants(cfg):
+        if suite == cfg.env.name:
+            raise ValueError(f"{suite} is trained on (env.name) and cannot also be reported as held out in "
+                             "rollout.eval_robustness_variants; drop it from the list.")
+        check_suite(suite)
+
+
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval of a success rate; (0, 1) for no episodes."""
     if n == 0:

@@ -503,9 +503,8 @@ def evaluate_robustness(cfg: DictConfig, w: Workers, iteration: int, version: in
     """The trained-on suite (its evaluation of this iteration, when there was one) and each of
     rollout.eval_robustness's perturbed suites on the same episode budget -> eval_robust/<perturbation>/
     success_rate and ratio_to_base metrics; the table (json, md, png) goes to run_dir/eval/iter_NNNNNN/."""
-    from vlarl.config import robustness_variants
     from vlarl.eval import write_json
-    from vlarl.robustness import table, write_robustness
+    from vlarl.robustness import robustness_variants, table, write_robustness
 
     suites = {cfg.env.name: evaluated or evaluate(cfg, w, iteration, version)}
     for suite in robustness_variants(cfg):

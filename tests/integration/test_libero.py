@@ -301,7 +301,8 @@ def test_eval_command_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_a_perturbed_suite_is_a_valid_env_name_and_an_unknown_one_lists_the_suites():
-    from vlarl.config import ConfigError, load_config
+    from vlarl.config import ConfigError
+    from vlarl.preflight import load_run_config as load_config
 
     assert load_config(["env=libero_goal", "env.name=libero_goal_swap"]).env.name == "libero_goal_swap"
     with pytest.raises(ConfigError, match="libero_goal: .base., lan, object, swap") as err:
@@ -312,7 +313,8 @@ def test_a_perturbed_suite_is_a_valid_env_name_and_an_unknown_one_lists_the_suit
 
 
 def test_robustness_settings_that_do_not_fit_stop_at_start():
-    from vlarl.config import ConfigError, load_config
+    from vlarl.config import ConfigError
+    from vlarl.preflight import load_run_config as load_config
 
     cases = {"has none": ["env=toy", "rollout.eval_robustness=true"],
              "cannot also be reported as held out": ["env=libero_goal", "env.name=libero_goal_swap",
@@ -324,7 +326,7 @@ def test_robustness_settings_that_do_not_fit_stop_at_start():
     for words, overrides in cases.items():
         with pytest.raises(ConfigError, match=words):
             load_config(overrides)
-    from vlarl.config import robustness_variants
+    from vlarl.robustness import robustness_variants
 
     cfg = load_config(["env=libero_goal", "env.name=libero_goal_swap", "rollout.eval_robustness=true"])
     suites = robustness_variants(cfg)

@@ -17,7 +17,7 @@ LAYERS = [  # bottom to top
     ["algo", "data", "metrics", "faults"],
     ["models"],
     ["envs", "rollout", "rewards"],
-    ["workers", "datasets", "placement"],  # datasets read demonstrations the envs script and convert
+    ["workers", "datasets", "placement", "robustness"],  # datasets read demonstrations the envs script and convert
     ["cluster", "preflight", "export"],
     ["eval", "sft"],
     ["trainer"],
