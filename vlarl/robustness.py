@@ -85,6 +85,19 @@ def table(base: str, suites: dict[str, dict]) -> dict:
     return {"base": base, "suites": rows}
 
 
+def robustness_metrics(result: dict) -> dict[str, float]:
+    """eval_robust/<perturbation>/success_rate and ratio_to_base of every suite but the base."""
+    out = {}
+    for suite, row in result["suites"].items():
+        if suite == result["base"]:
+            continue
+        name = row["perturbation"] if row["perturbation"] != "none" else "base"
+        out[f"eval_robust/{name}/success_rate"] = row["success_rate"]
+        if row["ratio_to_base"] is not None:
+            out[f"eval_robust/{name}/ratio_to_base"] = row["ratio_to_base"]
+    return out
+
+
 def markdown(result: dict) -> str:
     """The table as Markdown: one row per suite, then per task."""
     def pct(x):

@@ -504,7 +504,7 @@ def evaluate_robustness(cfg: DictConfig, w: Workers, iteration: int, version: in
     rollout.eval_robustness's perturbed suites on the same episode budget -> eval_robust/<perturbation>/
     success_rate and ratio_to_base metrics; the table (json, md, png) goes to run_dir/eval/iter_NNNNNN/."""
     from vlarl.eval import write_json
-    from vlarl.robustness import robustness_variants, table, write_robustness
+    from vlarl.robustness import robustness_metrics, robustness_variants, table, write_robustness
 
     suites = {cfg.env.name: evaluated or evaluate(cfg, w, iteration, version)}
     for suite in robustness_variants(cfg):
@@ -513,15 +513,7 @@ def evaluate_robustness(cfg: DictConfig, w: Workers, iteration: int, version: in
     folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
     result["files"] = write_robustness(result, folder)
     write_json(folder / "robustness.json", result)
-    out = {}
-    for suite, row in result["suites"].items():
-        if suite == cfg.env.name:
-            continue
-        name = row["perturbation"] if row["perturbation"] != "none" else "base"
-        out[f"eval_robust/{name}/success_rate"] = row["success_rate"]
-        if row["ratio_to_base"] is not None:
-            out[f"eval_robust/{name}/ratio_to_base"] = row["ratio_to_base"]
-    return out
+    return robustness_metrics(result)
 
 
 def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: int) -> int:
