@@ -157,6 +157,7 @@ class EnvConfig:
     reset_timeout: float = 300.0  # LIBERO: seconds for a reset, building the scene included
     sim_cache: int = 4  # LIBERO: built task scenes kept per simulator process
     render: str = "auto"  # LIBERO: OpenGL backend auto | egl | osmesa (auto: EGL with an NVIDIA GPU, else OSMesa)
+    train_suites: list[str] = field(default_factory=list)  # LIBERO: train on these suites' tasks together (env.name among them); [] = env.name alone
 
 
 @dataclass
@@ -426,9 +427,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.algo.advantage not in fits:
         raise ConfigError(f"algo.name={cfg.algo.name} needs algo.advantage={' or '.join(fits)}; pick the algorithm "
                           "with algo=ppo or algo=grpo.")
-    if cfg.trainer.curriculum_floor * cfg.env.num_tasks > 1:
-        raise ConfigError(f"trainer.curriculum_floor x env.num_tasks must be <= 1, got "
-                          f"{cfg.trainer.curriculum_floor} x {cfg.env.num_tasks}; lower trainer.curriculum_floor.")
+    if cfg.env.train_suites and not cfg.env.name.startswith("libero"):
+        raise ConfigError(f"env.train_suites mixes LIBERO suites; env={cfg.env.name} is not one (use env=libero_spatial "
+                          "or another LIBERO suite).")
+    arms = cfg.env.num_tasks * max(1, len(cfg.env.train_suites))  # curriculum arms: one per (suite, task)
+    if cfg.trainer.curriculum_floor * arms > 1:
+        raise ConfigError(f"trainer.curriculum_floor x the curriculum's {arms} tasks must be <= 1, got "
+                          f"{cfg.trainer.curriculum_floor} x {arms}; lower trainer.curriculum_floor to at most "
+                          f"{1 / arms:.3g}.")
     if cfg.trainer.wandb:
         try:
             import wandb  # noqa: F401

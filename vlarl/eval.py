@@ -67,14 +67,22 @@ def greedy_episodes(rollout_workers: list, per_worker: int, episodes: list[tuple
                         env_restarts=sum(p.env_restarts for p in parts))
 
 
-def report(result: EvalEpisodes, instructions: list[str], suite: str) -> dict:
-    """Per-task and overall success of one suite's episodes."""
+def report(result: EvalEpisodes, instructions: list[str], suite: str, task_suites: list[str] | None = None) -> dict:
+    """Per-task and overall success of one suite's episodes; on a mixture (task_suites: the suite of
+    each task id, more than one) each task names its suite and `suites` holds success per suite."""
     tasks = {}
+    mixture = task_suites is not None and len(set(task_suites)) > 1
     for t in sorted(set(result.task_ids.tolist())):
         sel = result.task_ids == t
         tasks[str(t)] = {"instruction": instructions[t], "episodes": int(sel.sum()),
-                         "success_rate": float(result.success[sel].mean())}
-    return {"suite": suite, "episodes": len(result.success), "success_rate": float(result.success.mean()),
+                         "success_rate": float(result.success[sel].mean()),
+                         **({"suite": task_suites[t]} if mixture else {})}
+    extra = {}
+    if mixture:
+        of = np.array([task_suites[t] for t in result.task_ids])
+        extra["suites"] = {s: {"episodes": int((of == s).sum()), "success_rate": float(result.success[of == s].mean())}
+                           for s in dict.fromkeys(task_suites) if (of == s).any()}
+    return {"suite": suite, **extra, "episodes": len(result.success), "success_rate": float(result.success.mean()),
             "mean_return": float(result.returns.mean()), "mean_length": float(result.lengths.mean()),
             "env_restarts": int(result.env_restarts), "tasks": tasks,
             "episode_results": [{"task": int(t), "init_state": int(k), "success": bool(s), "length": int(n)}
@@ -140,7 +148,7 @@ def load_checkpoint(path: Path, base_model: str | None = None) -> tuple[dict, di
 
 
 def suite_config(run_config: dict, suite: str, overrides: list[str]):
-    """The run's config with env switched to `suite` (its own task count and step limit) and the
+    """The run's config with env switched to `suite` (tasks and step limit from suite_env) and the
     user's key=value overrides applied last."""
     from omegaconf import OmegaConf
 
@@ -148,14 +156,16 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
     from vlarl.preflight import check_components
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), run_config)
+    cfg.env.train_suites = []  # one suite at a time, also for a run that trained on a mixture
+    cfg.rollout.eval_robustness, cfg.rollout.eval_robustness_variants = False, []  # training-time settings
     if suite != cfg.env.name:
         if suite == "toy" or cfg.env.name == "toy":
             raise EvalError(f"a model trained on env={cfg.env.name} cannot be evaluated on {suite}.")
-        from vlarl.envs.libero import suite_tasks
-        from vlarl.envs.libero_suites import SuiteError, max_steps
+        from vlarl.envs.libero import suite_env
+        from vlarl.envs.libero_suites import SuiteError
 
         try:
-            cfg.env.name, cfg.env.max_steps, cfg.env.num_tasks = suite, max_steps(suite), len(suite_tasks(suite))
+            cfg.env = OmegaConf.merge(cfg.env, suite_env(cfg.env, suite))
         except SuiteError as e:
             raise EvalError(str(e)) from None
     try:
@@ -171,9 +181,9 @@ def suite_config(run_config: dict, suite: str, overrides: list[str]):
     return cfg
 
 
-def robustness_suites(trained_on: str, variants: list[str] | None = None) -> list[str]:
-    """The base of the suite trained on, then its perturbed variants (all runnable ones, or `variants`
-    given as perturbation names or suite names)."""
+def robustness_suites(trained_on: str, variants: list[str] | None = None, mixture: list[str] = ()) -> list[str]:
+    """The base of the suite trained on, then its perturbed variants (all runnable ones but those in the
+    training `mixture`, or `variants` given as perturbation names or suite names)."""
     from vlarl.envs.libero_suites import SuiteError, base_suite, check_suite, listing
     from vlarl.envs.libero_suites import variants as runnable
 
@@ -181,13 +191,16 @@ def robustness_suites(trained_on: str, variants: list[str] | None = None) -> lis
     if base is None:
         raise EvalError(f"--robustness needs a LIBERO run; this one trained on env={trained_on}.")
     if variants is None:
-        return [base, *runnable(base)]
+        return [base, *(s for s in runnable(base) if s not in mixture)]
     names = [v if v.startswith(base) else f"{base}_{v}" for v in variants]
     for name in names:
         try:
             check_suite(name)
         except SuiteError:
             raise EvalError(f"--variants: {name} is not a runnable variant of {base}; there are {listing()}.") from None
+        if name in mixture and name != base:
+            raise EvalError(f"--variants: the checkpoint trained on {name} (env.train_suites), so it is not held out; "
+                            "drop it from --variants.")
     return [base, *[n for n in names if n != base]]
 
 
@@ -204,7 +217,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
     run_config, state, base = load_checkpoint(path, base_model)
     out_dir = Path(out) if out else path / "eval"
     if robustness:
-        suites = robustness_suites(run_config["env"]["name"], variants)
+        suites = robustness_suites(run_config["env"]["name"], variants, run_config["env"].get("train_suites") or ())
     suites = suites or [run_config["env"]["name"]]
     summary = {"checkpoint": str(path), "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "suites": {}}
@@ -236,7 +249,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, suites: list[st
         finally:
             release(workers)
             placement.remove()
-        rep = report(result, shape["instructions"], suite)
+        rep = report(result, shape["instructions"], suite, shape["task_suites"])
         rep["videos"] = write_videos(result, out_dir / "videos", prefix=f"{suite}_", failures_only=robustness)
         summary["suites"][suite] = rep
         print(f"vlarl.eval: {suite}: success {rep['success_rate']:.3f} over {rep['episodes']} episodes", flush=True)

@@ -61,7 +61,7 @@ class DashboardGauges:
                                    description=f"vlarl robustness evaluation: {stat.replace('_', ' ')} per perturbation")
                        for stat in ("success_rate", "ratio_to_base")}
 
-    def set(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list[float]] | None = None) -> None:
+    def set(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list] | None = None) -> None:
         for key, value in {"iteration": iteration, **metrics}.items():
             if key in self.gauges:
                 self.gauges[key].set(float(value), tags=self.tags)
@@ -69,9 +69,11 @@ class DashboardGauges:
                 _, perturbation, stat = key.split("/")
                 if stat in self.robust:
                     self.robust[stat].set(float(value), tags={**self.tags, "perturbation": perturbation})
-        for name, values in (tasks or {}).items():
+        tasks = dict(tasks or {})
+        names = tasks.pop("names", None)
+        for name, values in tasks.items():
             for task, value in enumerate(values):
-                self.per_task[name].set(float(value), tags={**self.tags, "task": str(task)})
+                self.per_task[name].set(float(value), tags={**self.tags, "task": names[task] if names else str(task)})
 
 
 class MetricsLogger:
@@ -96,7 +98,7 @@ class MetricsLogger:
                 raise RuntimeError("trainer.wandb=true needs the wandb package: pip install 'vlarl[wandb]'.") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(self.run_dir))
 
-    def log(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list[float]] | None = None) -> None:
+    def log(self, iteration: int, metrics: dict[str, float], tasks: dict[str, list] | None = None) -> None:
         """Write one iteration's metrics everywhere and print the progress line; `tasks` (per-task
         curriculum values) goes to the dashboard only."""
         self.record(iteration, metrics)

@@ -14,16 +14,21 @@ from pathlib import Path
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
 
 
+def trained_suites(cfg) -> list[str]:
+    """The suites a run trains on: env.train_suites (a mixture), else env.name."""
+    return list(cfg.env.train_suites) or [cfg.env.name]
+
+
 def robustness_variants(cfg) -> list[str]:
-    """The suites rollout.eval_robustness evaluates besides the one trained on: the
-    rollout.eval_robustness_variants (perturbation or suite names), or the trained-on suite's base
-    and every runnable variant of it."""
+    """The held-out suites rollout.eval_robustness evaluates besides env.name: the
+    rollout.eval_robustness_variants (perturbation or suite names), or env.name's base and every
+    runnable variant of it that is not trained on."""
     from vlarl.envs.libero_suites import base_suite, variants
 
     base = base_suite(cfg.env.name)
     named = list(cfg.rollout.eval_robustness_variants)
     if not named:  # the base too when a variant is trained on
-        return [s for s in [base, *variants(base)] if s != cfg.env.name]
+        return [s for s in [base, *variants(base)] if s not in trained_suites(cfg)]
     return [v if v.startswith(base) else f"{base}_{v}" for v in named]
 
 
@@ -36,9 +41,10 @@ def check_robustness(cfg) -> None:
     if base_suite(cfg.env.name) is None:
         raise ValueError(f"rollout.eval_robustness needs a LIBERO suite; env.name={cfg.env.name} is not one.")
     for suite in robustness_variants(cfg):
-        if suite == cfg.env.name:
-            raise ValueError(f"{suite} is trained on (env.name) and cannot also be reported as held out in "
-                             "rollout.eval_robustness_variants; drop it from the list.")
+        if suite in trained_suites(cfg):
+            where = "env.train_suites" if cfg.env.train_suites else "env.name"
+            raise ValueError(f"{suite} is trained on ({where}) and cannot also be reported as held out in "
+                             f"rollout.eval_robustness_variants; drop it from one of the two lists.")
         check_suite(suite)
 
 

@@ -174,6 +174,7 @@ def iteration(cfg: DictConfig, w: "Workers", logger: MetricsLogger, reward: Rewa
         with timer("eval"):
             evaluated = evaluate(cfg, w, it, version)
             metrics["eval/success_rate"] = evaluated["success_rate"]
+            metrics.update({f"eval/{s}/success_rate": r["success_rate"] for s, r in evaluated.get("suites", {}).items()})
     if robustness_due(cfg, it):
         with timer("eval_robustness"):
             metrics.update(evaluate_robustness(cfg, w, it, version, evaluated))
@@ -344,6 +345,18 @@ def prepare_model(cfg: DictConfig, run_dir: Path) -> str:
     return str(folder)
 
 
+def arm_names(task_suites: list[str] | None) -> list[str] | None:
+    """Curriculum arm names "suite/task" (task counted within its suite), or None (toy env: ids)."""
+    if task_suites is None:
+        return None
+    seen: dict[str, int] = {}
+    names = []
+    for suite in task_suites:
+        names.append(f"{suite}/{seen.get(suite, 0)}")
+        seen[suite] = seen.get(suite, 0) + 1
+    return names
+
+
 def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
     placement = Placement(cfg)  # stops with one sentence when the cluster cannot hold the run
     rollout = start_rollout_workers(cfg, model_folder, placement)
@@ -358,7 +371,7 @@ def start_workers(cfg: DictConfig, model_folder: str, run_dir: Path) -> Workers:
                          f"on; lower env.num_init_states below {env_probe['num_held_out_states']} to train on it.")
     curriculum = ray.remote(CurriculumManager).options(**on_driver_node()).remote(
         env_probe["num_tasks"], env_probe["num_init_states"], cfg.trainer.curriculum_alpha,
-        cfg.trainer.curriculum_floor, cfg.trainer.seed)
+        cfg.trainer.curriculum_floor, cfg.trainer.seed, arm_names(env_probe["task_suites"]))
     plain = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = ray.remote(CheckpointActor).options(**on_driver_node()).remote(str(run_dir), cfg.trainer.keep_last,
                                                                                 0.99, plain)
@@ -488,7 +501,7 @@ def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int, suite: s
     result = greedy_episodes(w.rollout, cfg.rollout.num_envs // len(w.rollout), list(zip(tasks, inits)),
                              10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version, suite)
     folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
-    rep = report(result, probe["instructions"], suite or cfg.env.name)
+    rep = report(result, probe["instructions"], suite or cfg.env.name, probe["task_suites"])
     rep["videos"] = write_videos(result, folder if suite is None else folder / suite, failures_only=suite is not None)
     write_json(folder / ("report.json" if suite is None else f"{suite}/report.json"), rep)
     return rep
@@ -506,6 +519,8 @@ def evaluate_robustness(cfg: DictConfig, w: Workers, iteration: int, version: in
     from vlarl.eval import write_json
     from vlarl.robustness import robustness_metrics, robustness_variants, table, write_robustness
 
+    if cfg.env.train_suites:  # the mixture's evaluation mixes suites: evaluate env.name on its own
+        evaluated = evaluate(cfg, w, iteration, version, cfg.env.name)
     suites = {cfg.env.name: evaluated or evaluate(cfg, w, iteration, version)}
     for suite in robustness_variants(cfg):
         suites[suite] = evaluate(cfg, w, iteration, version, suite)

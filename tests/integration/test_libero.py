@@ -333,22 +333,109 @@ def test_robustness_settings_that_do_not_fit_stop_at_start():
     assert "libero_goal" in suites and "libero_goal_swap" not in suites and "libero_goal_lan" in suites
 
 
-def test_training_reports_robustness_each_evaluation(ray_local, tmp_path):
+def test_training_on_a_mixture_reports_robustness_on_held_out_suites(ray_local, tmp_path):
+    """Two iterations on libero_spatial + libero_spatial_swap (one task each: two curriculum arms), the
+    held-out with_milk variant evaluated each iteration against libero_spatial alone."""
     from vlarl.config import load_config
     from vlarl.trainer import train
 
-    train(load_config([f"trainer.run_dir={tmp_path}", "env=libero_spatial", "trainer.iterations=1",
-                       "rollout.num_envs=1", "env.max_steps=4", "rollout.eval_every=0",
-                       "rollout.eval_robustness_every=1", "rollout.eval_episodes=1",
+    train(load_config([f"trainer.run_dir={tmp_path}", "env=libero_spatial", "trainer.iterations=2",
+                       "env.train_suites=[libero_spatial,libero_spatial_swap]", "env.num_tasks=1",
+                       "rollout.num_envs=2", "env.max_steps=4", "rollout.eval_every=2",
+                       "rollout.eval_robustness_every=1", "rollout.eval_episodes=2",
                        "rollout.eval_videos=0", "rollout.eval_robustness=true",
                        "rollout.eval_robustness_variants=[with_milk]", "cluster.dashboard=false",
-                       "algo.minibatch_size=8", "algo.epochs=1"]))
+                       "algo.minibatch_size=8", "algo.epochs=1", "trainer.save_every=2"]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    assert 0 <= last["eval_robust/with_milk/success_rate"] <= 1
-    table = json.loads((tmp_path / "eval" / "iter_000001" / "robustness.json").read_text())
-    milk = json.loads((tmp_path / "eval" / "iter_000001" / "libero_spatial_with_milk" / "report.json").read_text())
-    assert list(table["suites"]) == ["libero_spatial", "libero_spatial_with_milk"]
-    assert table["suites"]["libero_spatial_with_milk"]["episodes"] == milk["episodes"] == 1
-    assert [e["init_state"] for e in milk["episode_results"]] == [0]  # evaluation-only: from state 0 on
-    assert (tmp_path / "eval" / "iter_000001" / "robustness.png").stat().st_size > 5000
+    assert last["iteration"] == 1 and 0 <= last["eval_robust/with_milk/success_rate"] <= 1
+    curriculum = json.loads((tmp_path / "checkpoints" / "step_000002" / "curriculum.json").read_text())
+    assert curriculum["arms"] == ["libero_spatial/0", "libero_spatial_swap/0"]
+    assert sum(curriculum["counts"]) == 4 and min(curriculum["counts"]) > 0  # both arms were rolled out
+    mixed = json.loads((tmp_path / "eval" / "iter_000002" / "report.json").read_text())  # the mixture's held-out eval
+    assert set(mixed["suites"]) == {"libero_spatial", "libero_spatial_swap"}
+    assert sum(s["episodes"] for s in mixed["suites"].values()) == mixed["episodes"] == 2
+    assert "eval/libero_spatial_swap/success_rate" in last
+    for it in ("iter_000001", "iter_000002"):
+        folder = tmp_path / "eval" / it
+        table = json.loads((folder / "robustness.json").read_text())
+        base = json.loads((folder / "libero_spatial" / "report.json").read_text())  # env.name alone, not the mixture
+        milk = json.loads((folder / "libero_spatial_with_milk" / "report.json").read_text())
+        assert list(table["suites"]) == ["libero_spatial", "libero_spatial_with_milk"]
+        assert {e["task"] for e in base["episode_results"]} == {0} and base["suite"] == "libero_spatial"
+        assert table["suites"]["libero_spatial_with_milk"]["episodes"] == milk["episodes"] == 2
+        assert [e["init_state"] for e in milk["episode_results"]][0] == 0  # evaluation-only: from state 0 on
+        assert (folder / "robustness.png").stat().st_size > 5000
+
+
+def test_a_mixture_env_holds_each_suites_tasks_with_their_own_pixels_and_step_limits():
+    """Task ids run over the suites in order; an episode of a mixture task is the one that suite's own
+    env gives (same pixels), and each episode stops at its suite's step limit."""
+    suites = ("libero_spatial", "libero_spatial_swap", "libero_object")
+    spec = LiberoSpec(suite="libero_spatial", num_tasks=1, num_init_states=40, max_steps=4, image_size=32,
+                      camera_size=64, step_timeout=60, suites=suites)
+    mixed = LiberoEnv(3, spec)
+    alone = LiberoEnv(1, LiberoSpec(suite="libero_spatial_swap", num_tasks=1, num_init_states=40, max_steps=4,
+                                    image_size=32, camera_size=64, step_timeout=60))
+    try:
+        assert mixed.num_tasks == 3 and mixed.task_suites() == list(suites)
+        assert mixed.instructions() == [suite_tasks(s)[0][1] for s in suites]
+        assert mixed.step_limits == {"libero_spatial": 4, "libero_spatial_swap": 4, "libero_object": 280}
+        assert mixed.max_steps == 280
+        obs = mixed.reset([0, 1, 2], [7, 7, 7])
+        np.testing.assert_array_equal(obs["image"][1], alone.reset([0], [7])["image"][0])
+        assert not np.array_equal(obs["image"][0], obs["image"][1])  # swap moved the objects
+        for step in range(4):
+            res = mixed.step(np.tile(HOLD, (3, 1)))
+        assert res.truncated[:2].all() and res.info["timeout"][:2].all()  # spatial's 4-step limit
+        assert not res.truncated[2] and not res.info["timeout"][2]  # libero_object runs to 280
+    finally:
+        mixed.close()
+        alone.close()
+
+
+def test_a_mixture_that_does_not_fit_stops_with_what_to_change():
+    from vlarl.config import ConfigError
+    from vlarl.preflight import load_run_config as load_config
+
+    cases = {"does not hold env.name=libero_spatial": ["env.train_suites=[libero_spatial_swap,libero_spatial_lan]"],
+             "names a suite twice": ["env.train_suites=[libero_spatial,libero_spatial]"],
+             "evaluation-only": ["env.train_suites=[libero_spatial,libero_spatial_with_milk]"],
+             "unknown LIBERO suite": ["env.train_suites=[libero_spatial,libero_spatial_nonesuch]"],
+             "cannot also be reported as held out": ["env.train_suites=[libero_spatial,libero_spatial_swap]",
+                                                     "rollout.eval_robustness=true",
+                                                     "rollout.eval_robustness_variants=[swap]"]}
+    for words, overrides in cases.items():
+        with pytest.raises(ConfigError, match=words):
+            load_config(["env=libero_spatial", *overrides])
+    with pytest.raises(ConfigError, match="is not one"):
+        load_config(["env=toy", "env.train_suites=[libero_spatial]"])
+    from vlarl.robustness import robustness_variants
+
+    cfg = load_config(["env=libero_spatial", "env.train_suites=[libero_spatial,libero_spatial_swap]",
+                       "rollout.eval_robustness=true"])
+    held_out = robustness_variants(cfg)
+    assert "libero_spatial_swap" not in held_out and "libero_spatial" not in held_out and "libero_spatial_lan" in held_out
+
+
+def test_eval_takes_a_mixture_run_one_suite_at_a_time():
+    from omegaconf import OmegaConf
+
+    from vlarl.config import load_config
+    from vlarl.eval import EvalError, robustness_suites, suite_config
+
+    run = OmegaConf.to_container(load_config(["env=libero_spatial", "env.num_tasks=2", "env.max_steps=50",
+                                              "env.train_suites=[libero_spatial,libero_spatial_swap]",
+                                              "rollout.eval_robustness=true",
+                                              "rollout.eval_robustness_variants=[with_milk]"]))
+    milk = suite_config(run, "libero_spatial_with_milk", [])  # the training-time robustness settings do not apply
+    assert (milk.env.name, milk.env.train_suites, milk.env.num_tasks, milk.env.max_steps) == (
+        "libero_spatial_with_milk", [], 2, 50)  # env.name's base: the same tasks and step limit
+    goal = suite_config(run, "libero_goal", [])
+    assert (goal.env.num_tasks, goal.env.max_steps) == (10, 300)  # another base: all tasks, its standard limit
+    assert suite_config(run, "libero_spatial", []).env.train_suites == []
+    mixture = run["env"]["train_suites"]
+    suites = robustness_suites("libero_spatial", None, mixture)
+    assert suites[0] == "libero_spatial" and "libero_spatial_swap" not in suites and "libero_spatial_lan" in suites
+    with pytest.raises(EvalError, match="not held out"):
+        robustness_suites("libero_spatial", ["swap"], mixture)

@@ -121,3 +121,21 @@ def test_stats_keys_and_values():
     assert stats["curriculum/max_success_ema"] == pytest.approx(0.5)
     assert stats["curriculum/max_prob"] == pytest.approx(cm.probs().max())
     assert stats["curriculum/tasks_seen"] == 1.0
+
+
+def test_mixture_arms_are_named_in_the_state_and_checked_on_resume():
+    names = ["libero_spatial/0", "libero_spatial/1", "libero_spatial_swap/0", "libero_spatial_swap/1"]
+    cm = CurriculumManager(num_tasks=4, num_init_states=40, arm_names=names)
+    cm.report([2, 2, 3], [1.0, 1.0, 0.0])
+    state = json.loads(json.dumps(cm.state_dict()))
+    assert state["arms"] == names and state["counts"] == [0, 0, 2, 1]
+    assert cm.task_stats()["names"] == names
+    other = CurriculumManager(num_tasks=4, num_init_states=40, arm_names=names[2:] + names[:2])
+    with pytest.raises(ValueError, match="libero_spatial/0 -> libero_spatial_swap/0"):
+        other.load_state_dict(state)
+    same = CurriculumManager(num_tasks=4, num_init_states=40, arm_names=names)
+    same.load_state_dict(state)
+    assert same.success_ema() == cm.success_ema()
+    with pytest.raises(ValueError, match="3 arm names for 4 tasks"):
+        CurriculumManager(num_tasks=4, num_init_states=40, arm_names=names[:3])
+

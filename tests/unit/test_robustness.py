@@ -60,3 +60,19 @@ def test_table_counts_the_episodes_and_divides_by_the_base(tmp_path):
     blue = np.all(np.abs(image.astype(int) - [31, 119, 180]) < 8, -1).sum()  # the base suite's bar
     orange = np.all(np.abs(image.astype(int) - [255, 127, 14]) < 8, -1).sum()  # the variants' bars
     assert blue > 500 and orange > 2 * 100 and orange > blue * 0.5  # two variant bars, one 10 % the other 65 %
+
+
+def test_eval_report_of_a_mixture_gives_success_per_suite():
+    from vlarl.data.batch import EvalEpisodes
+    from vlarl.eval import report
+
+    ids = np.array([0, 0, 1, 2, 2, 2])
+    result = EvalEpisodes(task_ids=ids, init_state_ids=np.arange(6) + 40,
+                          success=np.array([1, 0, 1, 0, 0, 1], bool), returns=np.zeros(6, np.float32),
+                          lengths=np.full(6, 5), videos={})
+    rep = report(result, ["a", "b", "c"], "libero_spatial", ["libero_spatial", "libero_spatial", "libero_spatial_swap"])
+    # hand count: libero_spatial tasks 0, 1 -> 2 of 3 succeed; libero_spatial_swap task 2 -> 1 of 3
+    assert rep["suites"] == {"libero_spatial": {"episodes": 3, "success_rate": 2 / 3},
+                             "libero_spatial_swap": {"episodes": 3, "success_rate": 1 / 3}}
+    assert rep["tasks"]["2"]["suite"] == "libero_spatial_swap"
+    assert "suites" not in report(result, ["a", "b", "c"], "libero_spatial", ["libero_spatial"] * 3)

@@ -28,5 +28,6 @@ def make_env(env_cfg, num_envs: int, seed: int):
         image_size=env_cfg.image_size, settle_steps=env_cfg.settle_steps, wrist_camera=env_cfg.wrist_camera,
         invert_gripper=env_cfg.invert_gripper, step_timeout=env_cfg.step_timeout,
         reset_timeout=env_cfg.reset_timeout, sim_cache=env_cfg.sim_cache, render=env_cfg.render,
+        suites=tuple(env_cfg.train_suites),
     )
     return LiberoEnv(num_envs, spec, seed)

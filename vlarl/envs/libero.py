@@ -16,6 +16,11 @@ from the rest (`held_out_episodes`), so reported success is never measured on tr
 Suites: the standard five and the perturbed variants the installed benchmark lists (libero_suites.py);
 a variant with no more init states than `num_init_states` (some hold 10) is evaluation-only: all of
 its states are held out.
+
+Mixtures (`env.train_suites`): the tasks of several suites in one env, indexed in order (suite 0's
+tasks, then suite 1's, ...), so each (suite, task) is an arm of its own for the curriculum; every
+simulator can build any of them. Each episode keeps its own suite's step limit (env.max_steps for
+suites on env.name's base, the standard limit of their base for others).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
 from vlarl.envs.base import StepResult, VecEnv
 
 from vlarl.envs.libero_suites import STANDARD as SUITE_MAX_STEPS  # the standard suites' step limits
-from vlarl.envs.libero_suites import base_suite, check_suite, perturbation
+from vlarl.envs.libero_suites import base_suite, check_suite, max_steps, perturbation
 
 SUITE_INIT_STATES = 50  # init states per task of the standard suites
 RENDER_HELP = ("LIBERO renders its cameras with OpenGL and neither EGL nor OSMesa works here: install Debian's "
@@ -51,8 +56,8 @@ class SimulatorError(RuntimeError):
 
 @dataclass
 class LiberoSpec:
-    suite: str  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90
-    num_tasks: int  # the suite's first num_tasks tasks
+    suite: str  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | a perturbed variant
+    num_tasks: int  # the suite's first num_tasks tasks (of each suite in a mixture)
     num_init_states: int  # training init states per task; the rest of the 50 are held out
     max_steps: int  # simulator steps per episode (truncation)
     action_chunk: int = 1  # actions per policy call
@@ -66,6 +71,7 @@ class LiberoSpec:
     reset_timeout: float = 300.0  # seconds for a reset (includes building the scene)
     sim_cache: int = 4  # built scenes kept per simulator process
     render: str = "auto"  # auto | egl | osmesa
+    suites: tuple[str, ...] = ()  # a mixture: the suites whose tasks the env holds (suite among them); () = suite alone
 
 
 def bddl_language(path: str) -> str:
@@ -114,6 +120,38 @@ def suite_init_states(suite: str) -> int:
 
         s = benchmark.get_benchmark_dict()[suite]()
         return min(len(s.get_task_init_states(i)) for i in range(s.n_tasks))
+
+
+def mixture_suites(spec: LiberoSpec) -> list[str]:
+    """The suites an env holds: spec.suites (checked: distinct, spec.suite among them), or spec.suite."""
+    if not spec.suites:
+        return [spec.suite]
+    suites = list(spec.suites)
+    for s in suites:
+        check_suite(s)
+    if len(set(suites)) < len(suites):
+        raise ValueError(f"env.train_suites={suites} names a suite twice; list each once.")
+    if spec.suite not in suites:
+        raise ValueError(f"env.train_suites={suites} does not hold env.name={spec.suite}: the mixture includes the "
+                         f"suite the run is named after (its base for robustness); add {spec.suite} or pick one "
+                         "of the list as env.name.")
+    return suites
+
+
+def suite_step_limit(suite: str, spec: LiberoSpec) -> int:
+    """Simulator steps per episode of a suite: spec.max_steps on spec.suite's base, else the suite's standard limit."""
+    return spec.max_steps if base_suite(suite) == base_suite(spec.suite) else max_steps(suite)
+
+
+def suite_env(env_cfg, suite: str) -> dict:
+    """env overrides that switch a run's env config to one other LIBERO suite (robustness evaluation):
+    on env.name's base the same first env.num_tasks tasks (variants keep the base's task order) and
+    env.max_steps, so cells compare like with like; on another base all its tasks and its standard limit."""
+    tasks = len(suite_tasks(suite))
+    if base_suite(suite) == base_suite(env_cfg.name):
+        return {"name": suite, "max_steps": env_cfg.max_steps, "num_tasks": min(env_cfg.num_tasks, tasks),
+                "train_suites": []}
+    return {"name": suite, "max_steps": max_steps(suite), "num_tasks": tasks, "train_suites": []}
 
 
 def to_robosuite(actions: np.ndarray, action_chunk: int, invert_gripper: bool) -> np.ndarray:
@@ -183,13 +221,22 @@ class LiberoEnv(VecEnv):
     steps_in_background = True
 
     def __init__(self, num_envs: int, spec: LiberoSpec, seed: int = 0):
-        tasks = suite_tasks(spec.suite)
-        if not 1 <= spec.num_tasks <= len(tasks):
-            raise ValueError(f"env.num_tasks={spec.num_tasks} but {spec.suite} has {len(tasks)} tasks; "
-                             f"choose 1..{len(tasks)}.")
-        total = suite_init_states(spec.suite)
-        evaluation_only = perturbation(spec.suite) and spec.num_init_states >= total
+        suites = mixture_suites(spec)
+        self.tasks: list[tuple[str, int, str]] = []  # (suite, task index in it, instruction) per task id
+        for suite in suites:
+            tasks = suite_tasks(suite)
+            if not 1 <= spec.num_tasks <= len(tasks):
+                raise ValueError(f"env.num_tasks={spec.num_tasks} but {suite} has {len(tasks)} tasks; "
+                                 f"choose 1..{len(tasks)}.")
+            self.tasks += [(suite, i, instruction) for i, (_, instruction) in enumerate(tasks[:spec.num_tasks])]
+        total = min(suite_init_states(s) for s in suites)
+        evaluation_only = len(suites) == 1 and perturbation(spec.suite) and spec.num_init_states >= total
         if not evaluation_only and not 1 <= spec.num_init_states < total:
+            short = [s for s in suites if suite_init_states(s) <= spec.num_init_states]
+            if len(suites) > 1 and short:
+                raise ValueError(f"env.train_suites: {', '.join(short)} hold(s) {total} init states per task, no more "
+                                 f"than env.num_init_states={spec.num_init_states}, so they are evaluation-only; drop "
+                                 f"them from env.train_suites or lower env.num_init_states below {total}.")
             raise ValueError(f"env.num_init_states={spec.num_init_states} must leave held-out init states for "
                              f"evaluation: choose 1..{total - 1} of {spec.suite}'s {total}.")
         if spec.image_size > spec.camera_size:
@@ -197,7 +244,6 @@ class LiberoEnv(VecEnv):
                              "render at least at the model's size.")
         self.spec = spec
         self.num_envs = num_envs
-        self.tasks = tasks[:spec.num_tasks]
         self.num_tasks = len(self.tasks)
         # A perturbed suite with no more init states than training draws from is evaluation-only: every
         # state is held out (num_init_states 0; the trainer refuses to train on it).
@@ -208,21 +254,27 @@ class LiberoEnv(VecEnv):
             raise ValueError(f"env.replan_steps={spec.replan_steps} must lie in 0..env.action_chunk "
                              f"({spec.action_chunk}); 0 executes the whole chunk.")
         self.executed = spec.replan_steps or spec.action_chunk  # simulator steps per policy call
-        self.max_steps = math.ceil(spec.max_steps / self.executed)  # policy calls per episode
+        self.step_limits = {s: suite_step_limit(s, spec) for s in suites}  # simulator steps per episode, per suite
+        self.max_steps = math.ceil(max(self.step_limits.values()) / self.executed)  # policy calls per episode (longest)
         self.restarts = 0
         self._sims: list[_Sim | None] = [None] * num_envs
         self._backend: str | None = None
-        self._cfg = {"suite": spec.suite, "camera_size": spec.camera_size, "image_size": spec.image_size,
+        self._cfg = {"camera_size": spec.camera_size, "image_size": spec.image_size,
                      "settle_steps": spec.settle_steps, "wrist_camera": spec.wrist_camera, "sim_cache": spec.sim_cache}
         self._episode: list[tuple[int, int]] = [(0, 0)] * num_envs
         self._steps = np.zeros(num_envs, np.int64)  # simulator steps in the current episode
+        self._limit = np.full(num_envs, spec.max_steps, np.int64)  # its suite's step limit
         self._ended = np.ones(num_envs, bool)
         self._obs: list[dict | None] = [None] * num_envs
         self._waiting: dict[int, tuple[str, float, float]] = {}  # requests in flight: (what, timeout, deadline)
         self._send_failed: dict[int, str] = {}  # simulators whose request could not even be sent: why
 
     def instructions(self) -> list[str]:
-        return [instruction for _, instruction in self.tasks]
+        return [instruction for _, _, instruction in self.tasks]
+
+    def task_suites(self) -> list[str]:
+        """The suite of each task id (all the same outside a mixture)."""
+        return [suite for suite, _, _ in self.tasks]
 
     def sim_pids(self) -> list[int | None]:
         return [s.pid if s else None for s in self._sims]
@@ -239,13 +291,15 @@ class LiberoEnv(VecEnv):
                                  f"({self.num_tasks} tasks, {self.total_init_states} init states each).")
         self._gather(list(self._waiting))  # steps a failed caller sent but never collected
         self._episode = list(zip(map(int, task_ids), map(int, init_state_ids)))
+        self._limit[:] = [self.step_limits[self.tasks[t][0]] for t, _ in self._episode]
         self._steps[:] = 0
         self._ended[:] = False
         for attempt in range(2):  # a simulator that fails to reset gets one fresh process
             todo = [i for i in range(self.num_envs) if attempt == 0 or self._obs[i] is None]
             for i in todo:
                 self._obs[i] = None
-            replies = self._request({i: ("reset", *self._episode[i], i < record) for i in todo},
+            replies = self._request({i: ("reset", *self.tasks[self._episode[i][0]][:2], self._episode[i][1], i < record)
+                                     for i in todo},
                                     self.spec.reset_timeout, "reset")
             for i, reply in replies.items():
                 if reply[0] == "ok":
@@ -253,7 +307,7 @@ class LiberoEnv(VecEnv):
             if all(o is not None for o in self._obs):
                 return self._batch_obs()
         bad = [i for i in range(self.num_envs) if self._obs[i] is None]
-        raise SimulatorError(f"LIBERO simulator(s) {bad} failed to reset twice ({self.spec.suite}, episodes "
+        raise SimulatorError(f"LIBERO simulator(s) {bad} failed to reset twice ({self.spec.suite}, task ids "
                              f"{[self._episode[i] for i in bad]}); see the simulator error above.")
 
     def step(self, actions: np.ndarray, env_ids=None) -> StepResult:
@@ -269,7 +323,7 @@ class LiberoEnv(VecEnv):
         actions = to_robosuite(actions, self.spec.action_chunk, self.spec.invert_gripper)
         if len(actions) != len(ids):
             raise ValueError(f"step needs one action row per environment: {len(actions)} rows for {len(ids)} ids.")
-        self._send({i: ("step", a[:self.executed][:self.spec.max_steps - self._steps[i]]) for i, a in zip(ids, actions)
+        self._send({i: ("step", a[:self.executed][:self._limit[i] - self._steps[i]]) for i, a in zip(ids, actions)
                     if not self._ended[i]}, self.spec.step_timeout, "step")
 
     def step_recv(self, env_ids) -> StepResult:
@@ -277,7 +331,7 @@ class LiberoEnv(VecEnv):
         ids = [int(i) for i in env_ids]
         replies = self._gather(ids)
         reward = np.zeros(len(ids), np.float32)
-        terminated, truncated = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+        terminated, truncated, timeout = (np.zeros(len(ids), bool) for _ in range(3))
         for row, i in enumerate(ids):
             if i not in replies:  # ended before: not stepped
                 continue
@@ -287,10 +341,10 @@ class LiberoEnv(VecEnv):
                 continue
             self._obs[i], reward[row], terminated[row], k = reply[1:]
             self._steps[i] += k
-            truncated[row] = not terminated[row] and self._steps[i] >= self.spec.max_steps
+            timeout[row] = truncated[row] = not terminated[row] and self._steps[i] >= self._limit[i]
         self._ended[ids] |= terminated | truncated
         return StepResult(self._batch_obs(ids), reward, terminated, truncated,
-                          {"success": terminated.copy(), "restarts": self.restarts})
+                          {"success": terminated.copy(), "restarts": self.restarts, "timeout": timeout})
 
     def place(self, env_index: int, obj: str, target: str) -> tuple[dict, bool]:
         """Debugging aid: put object `obj` on `target` in episode env_index's simulator; returns the
@@ -378,8 +432,9 @@ class LiberoEnv(VecEnv):
         return replies
 
     def _restart(self, i: int, what: str, why: str) -> None:
-        task, init = self._episode[i]
-        print(f"vlarl: LIBERO simulator {i} (pid {self._sims[i].pid}, {self.spec.suite} task {task}, init state "
+        suite, task = self.tasks[self._episode[i][0]][:2]
+        init = self._episode[i][1]
+        print(f"vlarl: LIBERO simulator {i} (pid {self._sims[i].pid}, {suite} task {task}, init state "
               f"{init}, step {self._steps[i]}) failed during {what}: {why.strip()}; restarting it, the episode "
               "ends truncated.", file=sys.stderr, flush=True)
         self._sims[i].kill()
@@ -393,7 +448,7 @@ class LiberoEnv(VecEnv):
         rows = [self._obs[i] for i in ids]
         obs = {"image": np.stack([o["image"] for o in rows]),
                "proprio": np.stack([o["proprio"] for o in rows]).astype(np.float32),
-               "instruction": [self.tasks[self._episode[i][0]][1] for i in ids]}
+               "instruction": [self.tasks[self._episode[i][0]][2] for i in ids]}
         if self.spec.wrist_camera:
             obs["wrist_image"] = np.stack([o["wrist_image"] for o in rows])
         frames = {i: o["frame"] for i, o in zip(ids, rows) if "frame" in o}

@@ -2,14 +2,14 @@
 
 The parent (`vlarl.envs.libero.LiberoEnv`) talks to it over two pipes with pickled tuples:
     ("config", dict)                      -> ("ok",)
-    ("reset", task, init_id, record)      -> ("ok", obs, terminated)
+    ("reset", suite, task, init_id, record) -> ("ok", obs, terminated)
     ("step", actions (n, 7))              -> ("ok", obs, reward, terminated, steps_run)
     ("place", object, target)             -> ("ok", obs, terminated)    # debugging and tests
     ("close",)                            -> exits
 Any error is answered ("error", traceback) and the parent treats the simulator as crashed. A
 process of its own means a MuJoCo segfault or a hang costs one episode, never the rollout worker.
 
-Built environments are kept per task in a small LRU cache: building one takes seconds (XML,
+Built environments are kept per (suite, task) in a small LRU cache: building one takes seconds (XML,
 meshes, renderer), resetting a built one a fraction of that.
 """
 
@@ -84,41 +84,45 @@ class Simulator:
             from libero.libero.envs import OffScreenRenderEnv  # noqa: F401  (the import is the slow part)
 
         self.cfg = cfg
-        self.suite = benchmark.get_benchmark_dict()[cfg["suite"]]()
+        self.listed = benchmark.get_benchmark_dict()
+        self.suites: dict = {}  # suite name -> the benchmark's suite object (a mixture steps several)
         self.bddl_root = get_libero_path("bddl_files")
-        self.envs: OrderedDict = OrderedDict()
-        self.init_states: dict[int, np.ndarray] = {}
+        self.envs: OrderedDict = OrderedDict()  # (suite, task) -> built scene, least recently used first
+        self.init_states: dict[tuple[str, int], np.ndarray] = {}
         self.env = None
         self.record = False
 
-    def _env(self, task: int):
+    def _env(self, suite: str, task: int):
         from libero.libero.envs import OffScreenRenderEnv
 
-        if task in self.envs:
-            self.envs.move_to_end(task)
-            return self.envs[task]
+        key = (suite, task)
+        if key in self.envs:
+            self.envs.move_to_end(key)
+            return self.envs[key]
         while len(self.envs) >= self.cfg["sim_cache"]:
             _, old = self.envs.popitem(last=False)
             old.close()
-        t = self.suite.get_task(task)
+        if suite not in self.suites:
+            self.suites[suite] = self.listed[suite]()
+        t = self.suites[suite].get_task(task)
         size = self.cfg["camera_size"]
         cameras = [SCENE_CAMERA] + ([WRIST_CAMERA] if self.cfg["wrist_camera"] else [])
         env = OffScreenRenderEnv(bddl_file_name=os.path.join(self.bddl_root, t.problem_folder, t.bddl_file),
                                  camera_heights=size, camera_widths=size, camera_names=cameras)
-        self.envs[task] = env
-        self.init_states[task] = self.suite.get_task_init_states(task)
+        self.envs[key] = env
+        self.init_states[key] = self.suites[suite].get_task_init_states(task)
         return env
 
-    def reset(self, task: int, init_id: int, record: bool):
+    def reset(self, suite: str, task: int, init_id: int, record: bool):
         set_process_name("vlarl-sim")
-        self.env = self._env(task)
+        self.env = self._env(suite, task)
         self.record = record
         # An init state fixes the objects' joints but not where reset puts the fixtures (cabinet,
         # stove): LIBERO samples those from numpy's global RNG. Seeding it per (task, init state)
         # makes an episode's start, pixels included, the same every time.
         np.random.seed(task * SEED_STRIDE + init_id)
         self.env.reset()
-        obs = self.env.set_init_state(self.init_states[task][init_id])
+        obs = self.env.set_init_state(self.init_states[(suite, task)][init_id])
         done = False
         for _ in range(self.cfg["settle_steps"]):  # objects drop onto the table before the policy acts
             obs, _, done, _ = self.env.step(NOOP)

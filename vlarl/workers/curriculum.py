@@ -5,6 +5,10 @@ fails or always succeeds gives GRPO groups with zero advantage and PPO little to
 manager keeps an exponential moving average (EMA) of each task's success rate and samples tasks
 with weight 4 * s * (1 - s), mixed with a floor so no task is ever starved (its EMA could be stale).
 
+An arm is one task id; on a mixture of LIBERO suites (env.train_suites) the ids enumerate (suite,
+task) pairs, so each has its own EMA, and `arm_names` ("libero_spatial/3") label them in the state
+and on the dashboard.
+
 This is a plain Python class, testable without Ray. The trainer makes it an actor at the call
 site: `ray.remote(num_cpus=0)(CurriculumManager).remote(...)`.
 
@@ -33,6 +37,7 @@ class CurriculumManager:
         ema_alpha: float = 0.9,
         floor_prob: float = 0.02,
         seed: int = 0,
+        arm_names: list[str] | None = None,
     ) -> None:
         """Validate the configuration and start every task at the unseen EMA of 0.5."""
         if num_tasks < 1:
@@ -48,12 +53,15 @@ class CurriculumManager:
                 f"floor_prob={floor_prob} with {num_tasks} tasks gives a total floor of {floor_prob * num_tasks:.3g} "
                 f"> 1; set floor_prob to at most 1/num_tasks = {1.0 / num_tasks:.3g}."
             )
+        if arm_names is not None and len(arm_names) != num_tasks:
+            raise ValueError(f"{len(arm_names)} arm names for {num_tasks} tasks; name every task once.")
         # Config is kept as plain values so state_dict() is JSON-able and load can check it matches.
         self.num_tasks = int(num_tasks)  # number of tasks the ids index into: 0 .. num_tasks-1
         self.num_init_states = int(num_init_states)  # init-state ids per task: 0 .. num_init_states-1
         self.ema_alpha = float(ema_alpha)  # weight kept by the old EMA on each report
         self.floor_prob = float(floor_prob)  # minimum sampling probability of every task
         self.seed = int(seed)  # combined with the iteration to seed each draw
+        self.arm_names = [str(n) for n in arm_names] if arm_names is not None else [str(t) for t in range(num_tasks)]
         self._ema = [_UNSEEN_EMA] * self.num_tasks  # success EMA per task, in [0, 1]
         self._counts = [0] * self.num_tasks  # episodes reported per task (for stats and debugging)
 
@@ -128,15 +136,17 @@ class CurriculumManager:
             "curriculum/tasks_seen": float(sum(1 for c in self._counts if c > 0)),
         }
 
-    def task_stats(self) -> dict[str, list[float]]:
-        """Per task: sampling probability and success EMA (for the dashboard)."""
-        return {"prob": self.probs().tolist(), "success_ema": [float(e) for e in self._ema]}
+    def task_stats(self) -> dict[str, list]:
+        """Per task: its name, sampling probability and success EMA (for the dashboard)."""
+        return {"names": list(self.arm_names), "prob": self.probs().tolist(),
+                "success_ema": [float(e) for e in self._ema]}
 
     def state_dict(self) -> dict:
         """JSON-able state: EMAs, episode counts and the config they were built under."""
         return {
             "ema": list(self._ema),
             "counts": list(self._counts),
+            "arms": list(self.arm_names),
             "config": {
                 "num_tasks": self.num_tasks,
                 "num_init_states": self.num_init_states,
@@ -147,13 +157,17 @@ class CurriculumManager:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore EMAs and counts saved by state_dict(); the task count must match."""
+        """Restore EMAs and counts saved by state_dict(); the tasks (and their names, when saved) must match."""
         ema, counts = list(state["ema"]), list(state["counts"])
         if len(ema) != self.num_tasks or len(counts) != self.num_tasks:
             raise ValueError(
                 f"curriculum state has {len(ema)} tasks but this run has {self.num_tasks}; "
                 "resume with the same task suite or start a fresh run."
             )
+        if "arms" in state and list(state["arms"]) != self.arm_names:
+            differ = [f"{a} -> {b}" for a, b in zip(state["arms"], self.arm_names) if a != b][:3]
+            raise ValueError(f"curriculum state's tasks differ from this run's ({', '.join(differ)}); resume with the "
+                             "same env.name / env.train_suites order or start a fresh run.")
         # The current config (e.g. a changed floor_prob) wins; only the learned statistics load.
         self._ema = [float(v) for v in ema]
         self._counts = [int(c) for c in counts]

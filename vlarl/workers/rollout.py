@@ -109,16 +109,14 @@ class RolloutWorker:
         return ray.get_runtime_context().get_node_id()
 
     def env_for(self, suite: str | None):
-        """The environment of `suite` (None: the one trained on); another LIBERO suite gets envs of its
-        own, with its base suite's step limit (rollout.eval_robustness)."""
-        if suite is None or suite == self.cfg.env.name:
+        """The environment of `suite` (None: the one trained on); another LIBERO suite (env.name too when
+        training on a mixture) gets envs of its own (rollout.eval_robustness), configured by suite_env."""
+        if suite is None or (suite == self.cfg.env.name and not self.cfg.env.train_suites):
             return self.env
         if suite not in self.suite_envs:
-            from vlarl.envs.libero import suite_tasks
-            from vlarl.envs.libero_suites import max_steps
+            from vlarl.envs.libero import suite_env
 
-            env_cfg = OmegaConf.merge(self.cfg.env, {"name": suite, "max_steps": max_steps(suite),
-                                                     "num_tasks": len(suite_tasks(suite))})
+            env_cfg = OmegaConf.merge(self.cfg.env, suite_env(self.cfg.env, suite))
             self.suite_envs[suite] = make_env(env_cfg, self.num_envs, self.cfg.trainer.seed)
         return self.suite_envs[suite]
 
@@ -127,7 +125,8 @@ class RolloutWorker:
         e = self.env_for(suite)
         return {"num_tasks": e.num_tasks, "num_init_states": e.num_init_states,
                 "num_held_out_states": e.num_held_out_states, "max_steps": e.max_steps,
-                "instructions": e.instructions()}
+                "instructions": e.instructions(),
+                "task_suites": e.task_suites() if hasattr(e, "task_suites") else None}
 
     def collect(self, task_ids: list[int], init_state_ids: list[int], group_ids: list[int],
                 iteration: int, greedy: bool = False, record: int = 0) -> TrajectoryBatch:
@@ -223,7 +222,8 @@ class RolloutWorker:
                 ended = res.terminated | res.truncated
                 rewards[ids, step], mask[ids, step] = res.reward, True
                 dones[ids, step], terminated[ids, step] = ended, res.terminated
-                timeouts[ids, step] = res.truncated & (step + 1 >= horizon)  # the step limit, not a restart
+                # the step limit, not a restart (an env with per-episode limits says which)
+                timeouts[ids, step] = res.info.get("timeout", res.truncated & (step + 1 >= horizon))
                 success[ids] |= res.info["success"]
                 images[ids, step + 1], proprio[ids, step + 1] = res.obs["image"], res.obs["proprio"]
                 for row, i in enumerate(ids):

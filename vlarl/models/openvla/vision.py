@@ -82,14 +82,34 @@ class Tower(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.encoder.layer if self.spec.kind == "dinov2" else self.encoder.layers
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels  # (B, 3, S, S) normalised for this tower -> features (B, N, D)"""
+    def forward(self, pixels: torch.Tensor, between: list | None = None) -> torch.Tensor:
+        """pixels  # (B, 3, S, S) normalised for this tower -> features (B, N, D)
+
+        between: None runs transformers' encoder as is (OpenVLA). Otherwise one function h -> h per
+        layer, applied to the residual stream between the layer's attention and MLP halves, as
+        OpenVLA-OFT's FiLM does (vlarl/models/openvla_oft/film.py); the halves are the layer's own
+        modules in the order of its forward, so identity functions give the same result."""
         h = self.embeddings(pixels)  # both cast pixels to their patch conv's dtype
-        if self.spec.kind == "dinov2":
+        if between is not None:
+            for layer, modulate in zip(self.layers, between, strict=True):
+                h = self._mlp_half(layer, modulate(self._attention_half(layer, h)))
+        elif self.spec.kind == "dinov2":
             h = self.encoder(h).last_hidden_state
         else:
             h = self.encoder(inputs_embeds=h).last_hidden_state
         return h[:, self.spec.prefix_tokens:]
+
+    def _attention_half(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """h  # (B, T, D) -> h + attention(norm1(h)), the first residual half of the layer's forward."""
+        if self.spec.kind == "dinov2":
+            return layer.drop_path(layer.layer_scale1(layer.attention(layer.norm1(h))[0])) + h
+        return h + layer.self_attn(hidden_states=layer.layer_norm1(h))[0]
+
+    def _mlp_half(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """h  # (B, T, D) -> h + mlp(norm2(h)), the second residual half."""
+        if self.spec.kind == "dinov2":
+            return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h)))) + h
+        return h + layer.mlp(layer.layer_norm2(h))
 
 
 def upstream_shapes(spec: TowerSpec, mlp: int) -> dict[str, tuple[int, ...]]:

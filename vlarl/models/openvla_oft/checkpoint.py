@@ -3,9 +3,11 @@
 Upstream (moojink/openvla-oft, vla-scripts/finetune.py and experiments/robot/openvla_utils.py):
 `action_head--{step}_checkpoint.pt` (L1 head) and `proprio_projector--{step}_checkpoint.pt`, each a
 torch.save of a DDP module's state dict (keys prefixed `module.`), found as the one file whose name
-holds the component and "checkpoint". Also possible: `noisy_action_projector--*` (diffusion head)
-and `vision_backbone--*` (FiLM); vlarl stops on those with a clear error. `dataset_statistics.json`
-holds the fine-tune's action and proprio statistics (OpenVLA's loader already prefers it).
+holds the component and "checkpoint". `vision_backbone--{step}_checkpoint.pt` marks a FiLM fine-tune
+(use_film): the whole FiLM-wrapped vision backbone, which replaces model.safetensors' vision weights
+(film.py). A `noisy_action_projector--*` (diffusion head) stops with a clear error.
+`dataset_statistics.json` holds the fine-tune's action and proprio statistics (OpenVLA's loader
+already prefers it).
 
 The run configuration (chunk, cameras, head, attention) is not in upstream files: it comes from
 `model.oft` (LIBERO defaults), checked against the tensors, and vlarl's exports write it to
@@ -21,16 +23,15 @@ from pathlib import Path
 
 import torch
 
-from vlarl.models.openvla.checkpoint import load_openvla, save_openvla
+from vlarl.models.openvla.checkpoint import load_openvla, read_header, save_openvla
 from vlarl.models.openvla.config import OpenVLAConfigError, read_config, select_unnorm_key
+from vlarl.models.openvla_oft import film
 from vlarl.models.openvla_oft.modeling import OFTPolicy, OFTSpec
 
 COMPONENTS = ("action_head", "proprio_projector")  # files vlarl loads, and the module each fills
 UNSUPPORTED = {
     "noisy_action_projector": "a diffusion action head (use_diffusion), which vlarl does not train; use an L1-head "
                               "or discrete checkpoint",
-    "vision_backbone": "a FiLM-conditioned vision backbone (use_film), which vlarl does not load yet; use a "
-                       "checkpoint fine-tuned without FiLM",
 }
 RUN_CONFIG = "vlarl_oft.json"
 SPEC_KEYS = ("chunk", "num_images", "head", "attention")  # model.oft keys a vlarl export records
@@ -114,9 +115,12 @@ def read_spec(folder: str | Path, oft_cfg, unnorm_key: str | None = None) -> tup
             raise OpenVLAConfigError(f"{folder}: the proprio projector reads {proprio_dim} values but the statistics "
                                      f"of {key} have {len(q01)}.")
         tensors.update({f"proprio_projector.{k}": v for k, v in state.items()})
+    film_file = component_file(folder, film.FILE)
+    if film_file:
+        tensors.update(film.read_film(film_file, cfg, {k: v[0] for k, v in read_header(folder).items()}))
     spec = OFTSpec(chunk=int(settings["chunk"]), action_dim=action_dim, proprio_dim=proprio_dim,
                    num_images=int(settings["num_images"]), head=head, attention=settings["attention"],
-                   head_hidden=head_hidden, init_log_std=float(settings["init_log_std"]))
+                   head_hidden=head_hidden, init_log_std=float(settings["init_log_std"]), film=film_file is not None)
     return spec, tensors, stats.get("proprio")
 
 
@@ -148,8 +152,8 @@ def run_config(model: OFTPolicy) -> dict:
 def save_oft(folder: str | Path, model: OFTPolicy, tokenizer, base_folder: str | Path | None = None,
              state_dict: dict | None = None, **kwargs) -> None:
     """The OpenVLA folder (save_openvla), the component files under upstream names (the base's file
-    names, else `{component}--0_checkpoint.pt`; DDP `module.` keys, the base file's dtypes), and
-    vlarl_oft.json."""
+    names, else `{component}--0_checkpoint.pt`; DDP `module.` keys, the base file's dtypes), a FiLM
+    model's vision_backbone file in the base file's layout (film.py), and vlarl_oft.json."""
     folder = Path(folder)
     base = Path(base_folder or model.source_folder or "")
     save_openvla(folder, model, tokenizer, base, state_dict=state_dict, **kwargs)
@@ -165,6 +169,14 @@ def save_oft(folder: str | Path, model: OFTPolicy, tokenizer, base_folder: str |
         out = {f"module.{k}": v.detach().to("cpu", dtypes.get(k, torch.float32)).contiguous().clone()
                for k, v in sub.items()}
         torch.save(out, folder / (source.name if source else f"{name}--0_checkpoint.pt"))
+    for stale in folder.glob(f"{film.FILE}--*checkpoint*"):
+        stale.unlink()
+    if model.film is not None:
+        source = component_file(base, film.FILE) if base.is_dir() else None
+        if source is None:
+            raise OpenVLAConfigError(f"saving a FiLM model needs its base folder's {film.FILE}--*checkpoint.pt (its "
+                                     f"LoRA layout); {base} has none. Pass the folder the model was loaded from.")
+        torch.save(film.film_state(model, state, source), folder / source.name)
     config = run_config(model)
     if "action_log_std" in state:
         config["log_std"] = [float(x) for x in state["action_log_std"].detach().float().cpu()]

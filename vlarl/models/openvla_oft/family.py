@@ -11,6 +11,9 @@ applies by default), side by side in one frame; the 8-D LIBERO proprio state goe
 normalised by the model with the checkpoint's statistics. Actions: OpenVLA's un-normalisation and
 gripper convention per 7-D action of the chunk (so LIBERO runs need env.invert_gripper=true, and
 env.action_chunk equal to model.oft.chunk).
+
+FiLM fine-tunes (a vision_backbone--*checkpoint* file; film.py) are detected from the folder: their
+scale/shift layers train fully beside the heads (`lora_trainable`), the towers follow model.train_vision.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from vlarl.models.family import FamilyError, Loaded, Supervised
 from vlarl.models.openvla.config import OpenVLAConfigError, read_config, select_unnorm_key
 from vlarl.models.openvla.family import GripperActions, OpenVLA, shard_bytes
 from vlarl.models.openvla.processing import benchmark_image_transform
+from vlarl.models.openvla_oft import film
 from vlarl.models.openvla_oft.checkpoint import COMPONENTS, RUN_CONFIG, component_file, load_oft, read_spec, save_oft
 from vlarl.models.supervised import token_nll
 
@@ -98,7 +102,7 @@ class OpenVLAOFT(OpenVLA):
     def recognises(self, config: dict, folder: Path | None = None) -> bool:
         if not super().recognises(config, folder) or folder is None:
             return False
-        return (folder / RUN_CONFIG).is_file() or any(component_file(folder, c) for c in COMPONENTS)
+        return (folder / RUN_CONFIG).is_file() or any(component_file(folder, c) for c in (*COMPONENTS, film.FILE))
 
     def check(self, folder: Path, model_cfg) -> None:
         try:

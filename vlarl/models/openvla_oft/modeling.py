@@ -14,6 +14,9 @@ position, the prefix included: its states therefore depend on the placeholders' 
 or `prefix_causal`: the prefix causal, the placeholders and </s> bidirectional among themselves and
 seeing the whole prefix. Both go to the decoder as one additive 4-D mask (SDPA or eager).
 
+FiLM checkpoints (use_film, film.py): every ViT layer of both towers is scaled and shifted by the
+mean embedding of <s>, the prompt and </s> (`instruction_embedding`; padding left out), for every camera.
+
 RL: the discrete head samples the n tokens independently from one forward (action_kind "parallel",
 the SimpleVLA-RL policy); the L1 head is the mean of a Gaussian with a learned per-dimension log-std
 (`action_log_std`, action_kind "gaussian"), scored exactly. The value head reads the last prefix state.
@@ -30,9 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlarl.algo.losses import entropy_from_logits
+from vlarl.models.openvla import processing
 from vlarl.models.openvla.config import OpenVLAConfig
 from vlarl.models.openvla.modeling import OpenVLAPolicy
 from vlarl.models.openvla.processing import PixelSpec
+from vlarl.models.openvla_oft.film import film_layers
 from vlarl.models.openvla_oft.heads import L1Head, ProprioProjector
 
 STOP_TOKEN_ID = 2  # </s>, appended after the placeholders as at training time
@@ -51,6 +56,7 @@ class OFTSpec:
     attention: str = "full"  # full | prefix_causal
     head_hidden: int = 0  # L1 head MLP width (the decoder's hidden size upstream)
     init_log_std: float = -1.6  # L1 head: initial log-std of the Gaussian policy
+    film: bool = False  # FiLM-conditioned towers (a vision_backbone--*checkpoint* file in the folder)
 
     @property
     def num_actions(self) -> int:
@@ -80,7 +86,8 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor)
 
 
 class OFTPolicy(OpenVLAPolicy):
-    lora_trainable = ("value_head", "proprio_projector", "action_head", "action_log_std")  # full, beside the adapters
+    # trained fully beside the adapters (FiLM's scale/shift as upstream trains them: new, small)
+    lora_trainable = ("value_head", "proprio_projector", "action_head", "action_log_std", "film")
 
     def __init__(self, cfg: OpenVLAConfig, mlp_widths: list[int], projector_hidden: int | None,
                  pixel_spec: PixelSpec | None, spec: OFTSpec, proprio_stats: dict | None = None):
@@ -94,6 +101,7 @@ class OFTPolicy(OpenVLAPolicy):
             self.action_log_std = nn.Parameter(torch.full((spec.action_dim,), float(spec.init_log_std)))
         else:
             self.action_head, self.action_log_std = None, None
+        self.film = film_layers(cfg) if spec.film else None  # {tower: one FiLM per layer}
         stats = proprio_stats or {}
         self.proprio_bounds = None  # (q01, q99, mask) of the proprio state (bounds_q99), numpy
         if spec.proprio_dim:
@@ -123,9 +131,35 @@ class OFTPolicy(OpenVLAPolicy):
                              "model.oft.num_images to the number the environment renders.")
         return list(images.chunk(n, dim=2)) if n > 1 else [images]
 
+    def instruction_embedding(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """FiLM's condition (B, E) in the model dtype: the mean input embedding of <s>, the real prompt ids
+        and </s>, upstream's non-action tokens; padding is left out, so a row gets what it gets alone.
+
+        input_ids  # (B, Li) prompt ids (no <s>), LEFT-padded; text_mask  # (B, Li) 1 for real ones"""
+        ends = torch.tensor([self.bos_token_id, STOP_TOKEN_ID], device=input_ids.device)
+        total = (self.embed_tokens(input_ids).float() * text_mask[..., None]).sum(1)
+        total = total + self.embed_tokens(ends).float().sum(0)
+        return (total / (text_mask.sum(1, keepdim=True) + 2)).to(self.dtype)
+
+    def vision_features(self, pixels: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        """pixels  # (B, 3 * towers, S, S), lang  # (B, E) -> FiLM-conditioned features (B, N, V)."""
+        features = []
+        for name, tower, x in zip(self.vision_backbone.names, self.vision_backbone.towers(), pixels.split(3, dim=1)):
+            features.append(tower(x, between=[lambda h, f=f: f(h, lang) for f in self.film[name]]))
+        return torch.cat(features, dim=2)
+
+    def patch_embeddings(self, images, lang: torch.Tensor | None = None) -> torch.Tensor:
+        """images  # (B, H, W, 3) uint8 -> projected patches (B, N, E); lang  # (B, E) the instruction
+        embedding, read by FiLM checkpoints (required there)."""
+        if self.film is None:
+            return super().patch_embeddings(images)
+        pixels = processing.pixel_values(images, self.pixel_spec).to(self.device, self.dtype)
+        return self.projector(self.vision_features(pixels, lang))
+
     def prefix(self, images, proprio, input_ids, text_mask):
         """[<s>] [patches of every camera] [proprio token] [prompt ids] -> embeds (B, L, E), mask, positions."""
-        patches = torch.cat([self.patch_embeddings(tile) for tile in self.camera_tiles(images)], 1)
+        lang = self.instruction_embedding(input_ids, text_mask) if self.film is not None else None
+        patches = torch.cat([self.patch_embeddings(tile, lang) for tile in self.camera_tiles(images)], 1)
         b = input_ids.shape[0]
         bos = self.embed_tokens(torch.full((b, 1), self.bos_token_id, dtype=torch.long, device=input_ids.device))
         parts = [bos, patches]
@@ -199,11 +233,10 @@ class OFTPolicy(OpenVLAPolicy):
     def reference_chunk(self, image, proprio, instruction: str, tokenizer=None) -> np.ndarray:
         """The greedy normalised chunk (chunk, 7) for one observation, built the upstream way: the
         tokenised prompt with <s> (29871 appended), n placeholder ids and </s>, placeholder embeddings
-        zeroed, the patches (+ proprio token) spliced after <s>, no padding, an all-real mask.
+        zeroed, the patches (+ proprio token) spliced after <s>, no padding, an all-real mask; FiLM's
+        condition is the mean embedding of the non-placeholder ids, as predict_action computes it.
 
         image  # (H, n * W, 3) uint8, the cameras side by side; proprio (P,) raw"""
-        from vlarl.models.openvla import processing
-
         tokenizer = tokenizer or self.tokenizer
         ids = list(tokenizer(processing.build_prompt(instruction))["input_ids"])
         if ids[-1] != processing.EMPTY_TOKEN_ID:
@@ -213,9 +246,10 @@ class OFTPolicy(OpenVLAPolicy):
         text = self.embed_tokens(full_ids)
         is_action = torch.zeros(full_ids.shape, dtype=torch.bool, device=self.device)
         is_action[:, len(ids):len(ids) + n] = True
+        lang = text[~is_action].reshape(1, -1, text.shape[-1]).mean(1) if self.film is not None else None
         text = text * ~is_action[..., None]
         images = torch.as_tensor(image)[None]
-        vision = [self.patch_embeddings(tile) for tile in self.camera_tiles(images)]
+        vision = [self.patch_embeddings(tile, lang) for tile in self.camera_tiles(images)]
         if self.proprio_projector is not None:
             vision.append(self.proprio_projector(self.normalize_proprio(torch.as_tensor(proprio)[None]))[:, None])
         seq = torch.cat([text[:, :1], *vision, text[:, 1:]], 1)

@@ -1,11 +1,17 @@
 """Write a tiny random OpenVLA-OFT folder in the upstream layout:
-`python -m vlarl.models.openvla_oft.tiny OUT --head discrete|l1`.
+`python -m vlarl.models.openvla_oft.tiny OUT --head discrete|l1 [--film]`.
 
 The tiny OpenVLA folder (vlarl/models/openvla/tiny.py) plus what an OFT LIBERO fine-tune adds:
 `proprio_projector--50000_checkpoint.pt` and, for the L1 head, `action_head--50000_checkpoint.pt`
 (torch.save of DDP state dicts: keys `module.*`, bfloat16 as upstream's `init_module(to_bf16=True)`),
 and dataset_statistics.json holding one LIBERO dataset with action and 8-D proprio statistics. No
 vlarl_oft.json: like an upstream folder it does not say its chunk or cameras (model.oft does).
+
+`film=True` adds `vision_backbone--50000_checkpoint.pt` as a use_film fine-tune saves it (film.py):
+keys `vision_backbone.{tower}.*` without DDP's prefix, blocks nested under `.block.`, the folder's vision
+tensors as LoRA base layers with random rank-32 LoRA pairs (finetune.py's default rank) wherever
+all-linear LoRA puts them, and random scale/shift for every block. bfloat16 like the backbone, except
+scale/shift: upstream creates them after the model's bfloat16 cast and never casts them, so float32.
 """
 
 from __future__ import annotations
@@ -13,14 +19,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from vlarl.models.openvla import vision
+from vlarl.models.openvla.config import parse_config
+from vlarl.models.openvla.modeling import TOWER_NAMES
 from vlarl.models.openvla.tiny import LIBERO_SPATIAL, write_tiny_openvla
+from vlarl.models.openvla_oft.film import LORA_NAMES
 from vlarl.models.openvla_oft.heads import L1Head, ProprioProjector
 
 STEP = 50000
+LORA_RANK = 32  # finetune.py's default lora_rank; scaling min(32, 16) / 32 = 0.5
 DATASET = "libero_spatial_no_noops"
 LIBERO_PROPRIO = {  # shaped like LIBERO's eef position, axis-angle and gripper qpos statistics (approximate)
     "mean": [-0.0245, 0.1068, 1.0584, 2.9747, -0.0229, -0.1183, 0.0264, -0.0269],
@@ -43,9 +56,41 @@ def component_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tenso
     return out
 
 
-def write_tiny_oft(out: str | Path, head: str = "discrete", proprio: bool = True, seed: int = 0, **sizes) -> Path:
-    """Write the tiny OFT folder to `out` (created): head `discrete` (no action head file) or `l1`."""
-    return add_oft_files(write_tiny_openvla(out, seed=seed, **sizes), head, proprio, seed)
+def write_tiny_oft(out: str | Path, head: str = "discrete", proprio: bool = True, seed: int = 0, film: bool = False,
+                   **sizes) -> Path:
+    """Write the tiny OFT folder to `out` (created): head `discrete` (no action head file) or `l1`;
+    film: a FiLM fine-tune's vision_backbone file too."""
+    return add_oft_files(write_tiny_openvla(out, seed=seed, **sizes), head, proprio, seed, film)
+
+
+def film_file_state(folder: Path, seed: int, rank: int = LORA_RANK) -> dict[str, torch.Tensor]:
+    """The vision_backbone file of a FiLM fine-tune of the OpenVLA folder (see the module docstring)."""
+    cfg = parse_config(json.loads((folder / "config.json").read_text()))
+    llm = cfg.text.hidden_size
+    weights = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, spec in zip(TOWER_NAMES, cfg.towers):
+        prefix = f"vision_backbone.{name}."
+        tower = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        for key in vision.upstream_shapes(spec, vision.mlp_width(tower)):
+            value, nested = tower[key], re.sub(r"^blocks\.(\d+)\.", r"blocks.\1.block.", key)
+            module, param = nested.rsplit(".", 1) if "." in nested else ("", nested)
+            if module.rsplit(".", 1)[-1] not in LORA_NAMES:
+                out[prefix + nested] = value
+                continue
+            out[f"{prefix}{module}.base_layer.{param}"] = value
+            if param == "weight":  # A as peft's "gaussian" init draws it, B as training left it (not zero)
+                conv = (1, 1) if value.dim() == 4 else ()
+                out[f"{prefix}{module}.lora_A.default.weight"] = (
+                    torch.randn((rank, *value.shape[1:]), generator=g) / rank).to(value.dtype)
+                out[f"{prefix}{module}.lora_B.default.weight"] = (
+                    0.05 * torch.randn((value.shape[0], rank, *conv), generator=g)).to(value.dtype)
+        for i in range(spec.depth):
+            for kind in ("scale", "shift"):
+                out[f"{prefix}blocks.{i}.{kind}.weight"] = 0.1 * torch.randn((spec.width, llm), generator=g)
+                out[f"{prefix}blocks.{i}.{kind}.bias"] = 0.05 * torch.randn((spec.width,), generator=g)
+    return out
 
 
 def write_7b_shaped_oft(out: str | Path, head: str = "discrete", seed: int = 0) -> Path:
@@ -55,7 +100,7 @@ def write_7b_shaped_oft(out: str | Path, head: str = "discrete", seed: int = 0) 
     return add_oft_files(write_7b_shaped(out, seed=seed), head, True, seed)
 
 
-def add_oft_files(out: Path, head: str, proprio: bool, seed: int) -> Path:
+def add_oft_files(out: Path, head: str, proprio: bool, seed: int, film: bool = False) -> Path:
     """An OpenVLA folder -> an OFT LIBERO fine-tune's folder: its statistics and component files."""
     if head not in ("discrete", "l1"):
         raise ValueError(f"head={head!r} is not discrete or l1.")
@@ -70,6 +115,8 @@ def add_oft_files(out: Path, head: str, proprio: bool, seed: int) -> Path:
                    out / f"proprio_projector--{STEP}_checkpoint.pt")
     if head == "l1":
         torch.save(component_state(L1Head(llm, llm, 7), seed + 2), out / f"action_head--{STEP}_checkpoint.pt")
+    if film:
+        torch.save(film_file_state(out, seed + 3), out / f"vision_backbone--{STEP}_checkpoint.pt")
     return out
 
 
@@ -78,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--head", choices=("discrete", "l1"), default="discrete")
     parser.add_argument("--no-proprio", action="store_true", help="no proprio projector (no proprio token)")
+    parser.add_argument("--film", action="store_true", help="a FiLM fine-tune (vision_backbone file)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(write_tiny_oft(args.out, args.head, proprio=not args.no_proprio, seed=args.seed))
+    print(write_tiny_oft(args.out, args.head, proprio=not args.no_proprio, seed=args.seed, film=args.film))
 
 
 if __name__ == "__main__":
