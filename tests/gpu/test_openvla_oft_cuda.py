@@ -1,6 +1,6 @@
 """OpenVLA-OFT on CUDA (tiny folders in the upstream layout): the GPU engines decode the CPU's chunk,
 the compiled engine (torch.compile, CUDA graphs) the eager GPU engine's, and the learner's forward on
-the GPU rescored the GPU rollout's log-probs. Skipped without CUDA."""
+the GPU rescored the GPU rollout's log-probs; also with FiLM-conditioned towers. Skipped without CUDA."""
 
 import numpy as np
 import pytest
@@ -14,9 +14,9 @@ from vlarl.rollout.flow_engine import make_engine
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("head", ["discrete", "l1"])
-def test_gpu_and_compiled_engines_match_the_cpu(tmp_path, head):
-    folder = write_tiny_oft(tmp_path / head, head, seed=0)
+@pytest.mark.parametrize("head,film", [("discrete", False), ("l1", False), ("discrete", True)])
+def test_gpu_and_compiled_engines_match_the_cpu(tmp_path, head, film):
+    folder = write_tiny_oft(tmp_path / head, head, seed=0, film=film)
     cfg = load_config(["env=toy", "model=openvla_oft"]).model
     engines = {"cpu": make_engine(*load_model(folder, cfg, "cpu"), "cpu"),
                "cuda": make_engine(*load_model(folder, cfg, "cuda"), "cuda"),
