@@ -32,28 +32,32 @@ TOY = ["env=toy", "env.num_blocks=2", "env.success_radius=0.12", "env.action_chu
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("oft_bases")
-    return {head: write_tiny_oft(root / head, head, seed=0) for head in ("discrete", "l1")}
+    bases = {head: write_tiny_oft(root / head, head, seed=0) for head in ("discrete", "l1")}
+    bases["l1_film"] = write_tiny_oft(root / "l1_film", "l1", seed=0, film=True)  # a FiLM fine-tune's layout
+    return bases
 
 
 def iterations(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("head", ["discrete", "l1"])
+@pytest.mark.parametrize("head", ["discrete", "l1_film"])  # (the plain L1 head: on LIBERO below)
 def test_rl_on_the_toy_task_and_export_round_trip(ray_local, bases, head, tmp_path):
     base = bases[head]
     run_dir = tmp_path / "run"
     metrics = train(load_run_config([*SMALL, *TOY, f"model.path={base}", f"trainer.run_dir={run_dir}"]))
     assert len(iterations(run_dir)) == 2 and np.isfinite(metrics["actor/pg_loss"])
     assert metrics["rollout/logprob_abs_diff"] < 1e-4  # the learner rescoring the engine's chunks
-    if head == "l1":
+    if head == "l1_film":
         assert "actor/entropy" in metrics
 
     out = export(run_dir / "best_return", tmp_path / "exported")
     names = sorted(p.name for p in base.glob("*--*checkpoint.pt"))
     assert sorted(p.name for p in out.glob("*--*checkpoint.pt")) == names
-    for name in names:
-        assert all(k.startswith("module.") for k in torch.load(out / name, weights_only=True))
+    for name in names:  # DDP state dicts; FiLM's backbone file is saved from inside the DDP module
+        keys = torch.load(out / name, weights_only=True)
+        prefix = "vision_backbone." if name.startswith("vision_backbone--") else "module."
+        assert keys and all(k.startswith(prefix) for k in keys), name
     assert json.loads((out / "vlarl_oft.json").read_text())["chunk"] == 4
     # The exported folder (no model.oft settings: it describes itself) acts like the trained checkpoint.
     from vlarl.eval import load_checkpoint
@@ -63,7 +67,15 @@ def test_rl_on_the_toy_task_and_export_round_trip(ray_local, bases, head, tmp_pa
     trained.model.load_state_dict({k: v.to(torch.bfloat16).float() if not k.startswith("action_log_std") else v
                                    for k, v in state.items()})
     exported = load_model(out, load_config(["env=toy", *SMALL[:2], "model.oft.num_images=1"]).model)
-    assert exported.model.spec == trained.model.spec
+    assert exported.model.spec == trained.model.spec and exported.model.spec.film == (head == "l1_film")
+    if head == "l1_film":  # the export carries the trained FiLM layers under upstream's keys
+        (backbone,) = out.glob("vision_backbone--*checkpoint.pt")
+        saved = torch.load(backbone, weights_only=True)
+        film = {k: v for k, v in state.items() if k.startswith("film.")}
+        assert film
+        for key, value in film.items():
+            _, tower, layer, rest = key.split(".", 3)
+            torch.testing.assert_close(saved[f"vision_backbone.{tower}.blocks.{layer}.{rest}"].float(), value.float())
     from vlarl.envs.toy import ToyEnv
 
     obs = ToyEnv(4).reset([0, 1, 2, 3], [0, 1, 2, 3])

@@ -131,6 +131,16 @@ class OFTPolicy(OpenVLAPolicy):
                              "model.oft.num_images to the number the environment renders.")
         return list(images.chunk(n, dim=2)) if n > 1 else [images]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """OpenVLA's units; with FiLM the ViT layers stay in the root unit: FiLM runs each layer's two
+        halves itself (vision.py, Tower.forward `between`), which a unit's forward hooks would not see,
+        so the layer would run on its sharded parameters."""
+        units = super().fsdp_units()
+        if self.film is None:
+            return units
+        vit = {id(layer) for tower in self.vision_backbone.towers() for layer in tower.layers}
+        return [u for u in units if id(u) not in vit]
+
     def instruction_embedding(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """FiLM's condition (B, E) in the model dtype: the mean input embedding of <s>, the real prompt ids
         and </s>, upstream's non-action tokens; padding is left out, so a row gets what it gets alone.
