@@ -139,7 +139,7 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = "toy"  # toy | libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | a perturbed variant ({base}_{perturbation}, e.g. libero_goal_swap)
-    num_tasks: int = 4  # toy: target colours; LIBERO: the suite's first num_tasks tasks
+    num_tasks: int = 4  # toy: target colours; LIBERO: the suite's first num_tasks tasks (of each suite in env.train_suites)
     num_blocks: int = 3  # toy: blocks per episode
     grid: int = 4  # toy: board cells per side
     image_size: int = 16  # image side fed to the model
