@@ -11,6 +11,10 @@ bins.
 
     .venv/bin/python bench/greedy_gap.py --bc-steps 600 --out bench/results/greedy_gap.json
     .venv/bin/python bench/greedy_gap.py --bc-steps 1000 1500 2000 2500 3000 --threads 2   # the warm start's curve
+    .venv/bin/python bench/greedy_gap.py --model openvla_oft --bc-steps 500 1000 2000   # the OFT-shaped tiny model
+
+Extra key=value arguments override the config (as in bench/learn_toy.py); --model takes learn_toy's model
+settings (for openvla_oft: a tiny discrete-head OFT folder, chunks of 4, written under --run-dir).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from learn_toy import MODELS, model_overrides  # noqa: E402
 from vlarl.config import load_config  # noqa: E402
 from vlarl.data.batch import TrajectoryBatch  # noqa: E402
 from vlarl.envs.base import held_out_episodes  # noqa: E402
@@ -54,10 +59,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the result depends on it)")
     parser.add_argument("--run-dir", default="runs/bench_greedy_gap")
     parser.add_argument("--out", default="bench/results/greedy_gap.json")
+    parser.add_argument("--model", default="tiny_token", choices=sorted(MODELS), help="model settings of bench/learn_toy.py")
+    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
     n, marks = 256, sorted(args.bc_steps)
     cfg = load_config(["env=toy", f"rollout.num_envs={n}", f"trainer.run_dir={args.run_dir}", f"trainer.seed={args.seed}",
-                       f"cluster.torch_threads={args.threads}"])
+                       f"cluster.torch_threads={args.threads}",
+                       *model_overrides(args.model, Path(args.run_dir).resolve()), *args.overrides])
     folder = prepare_model(cfg, Path(args.run_dir))
     plain = OmegaConf.to_container(cfg, resolve=True)
     learner = LearnerWorker(plain, 0, 1, folder)
@@ -85,17 +93,19 @@ def main() -> int:
     greedy = last["greedy"]
     time_outs = np.nonzero(~greedy.terminated.any(1))[0]
     moves = np.abs(np.diff(greedy.proprio[time_outs, :, :2], axis=1)).sum(-1) / 2  # L1 move per step, board units
-    with torch.no_grad():  # the first action dimension's distribution at the first step
-        m, obs = worker.engine.model, worker.env.reset(tasks, inits)
-        embeds, mask, positions = m.prefix(*worker.engine.model_inputs(obs))
-        logits = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
-        probs = torch.softmax(m.bin_logits(logits, 1.0), -1)
+    probs = None
+    if worker.engine.model.action_kind == "token":  # the first action dimension's distribution at the first step
+        with torch.no_grad():
+            m, obs = worker.engine.model, worker.env.reset(tasks, inits)
+            embeds, mask, positions = m.prefix(*worker.engine.model_inputs(obs))
+            logits = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+            probs = torch.softmax(m.bin_logits(logits, 1.0), -1)
     report = {"bc_steps": marks[-1], "seed": args.seed, "threads": args.threads, "episodes": n, "bc": bc,
               "greedy": curve[-1]["greedy"], "sampled": curve[-1]["sampled"], "curve": curve,
               "greedy_time_out_move_per_step": float(moves.mean()) if len(time_outs) else None,
               "max_move_per_step_l1": 2 * cfg.env.max_move,
-              "first_dim_mass_on_extreme_bins": float((probs[:, 0] + probs[:, -1]).mean()),
-              "first_dim_max_prob": float(probs.max(-1).values.mean())}
+              "first_dim_mass_on_extreme_bins": None if probs is None else float((probs[:, 0] + probs[:, -1]).mean()),
+              "first_dim_max_prob": None if probs is None else float(probs.max(-1).values.mean())}
     learner.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

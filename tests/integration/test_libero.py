@@ -72,6 +72,9 @@ def test_reset_to_an_init_state_reproduces_the_observation(env):
     assert np.abs(other["image"][0].astype(int) - first["image"][0]).max() > 30  # another layout
     np.testing.assert_array_equal(other["image"][1:], first["image"][1:])
     assert first["instruction"][1] == suite_tasks("libero_spatial")[1][1]
+    for pid in env.sim_pids():  # simulators run single-threaded BLAS (much faster on busy cores)
+        environ = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+        assert environ["OPENBLAS_NUM_THREADS"] == "1" and environ["OMP_NUM_THREADS"] == "1", environ
 
 
 def test_a_step_moves_the_robot_and_the_gripper_follows_robosuite_signs(env):

@@ -128,6 +128,16 @@ def test_rollout_logprobs_equal_the_learner_forward(folders, head):
     assert torch.isfinite(entropy).all() and values.shape == (3,)
 
 
+def test_action_logits_are_the_language_heads_action_rows(folders):
+    model = load_model(folders["discrete"], model_cfg()).model
+    states = torch.randn(3, 5, model.openvla.text.hidden_size, dtype=model.dtype)
+    with torch.no_grad():
+        full = model.language_model.lm_head(states).float()  # every vocabulary row, then the action ids
+    expected = full[..., model.first_bin_id:model.first_bin_id + 256]
+    assert model.dtype == torch.float32 and full.shape[-1] == 32064
+    torch.testing.assert_close(model.action_logits(states), expected)
+
+
 def test_l1_head_and_gaussian_against_independent_references(folders):
     model = load_model(folders["l1"], model_cfg()).model
     head = {k: v.float() for k, v in model.action_head.state_dict().items()}

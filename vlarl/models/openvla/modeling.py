@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -188,6 +189,15 @@ class OpenVLAPolicy(nn.Module):
         """Vocabulary logits (..., V) -> float32 logits of the 256 action ids at `temperature` (..., 256);
         slot i is token first_bin_id + i."""
         return logits[..., self.first_bin_id:self.first_bin_id + self.num_bins].float() / temperature
+
+    def action_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Decoder states (..., E) -> float32 logits of the 256 action ids at T = 1 (..., 256), from the
+        language head's 256 action rows only: the same numbers as bin_logits(lm_head(states), 1) without
+        the other vocabulary rows (for a narrow decoder those rows are nearly all of the cost)."""
+        head = self.language_model.lm_head
+        rows = head.weight[self.first_bin_id:self.first_bin_id + self.num_bins]
+        bias = None if head.bias is None else head.bias[self.first_bin_id:self.first_bin_id + self.num_bins]
+        return F.linear(states, rows, bias).float()
 
     def forward(self, images, proprio, input_ids, text_mask, action_tokens, temperature: float = 1.0):
         """Teacher-forced scores of given action tokens, for the learner.

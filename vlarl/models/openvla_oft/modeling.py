@@ -208,7 +208,7 @@ class OFTPolicy(OpenVLAPolicy):
         states, last = self.decode(embeds, mask, positions)
         if self.action_head is not None:
             return self.action_head(states).flatten(1).float(), last
-        return self.bin_logits(self.language_model.lm_head(states), 1.0), last
+        return self.action_logits(states), last
 
     def log_std(self) -> torch.Tensor:
         """The Gaussian policy's log-std per placeholder (n,), float32."""

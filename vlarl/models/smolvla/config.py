@@ -8,6 +8,13 @@ normaliser statistics as in pi0's LeRobot layout (mean/std). The SmolVLM2 backbo
 in the folder: `vlm_model_name` names them (a hub id or a local folder). They come from, in order:
 arch.json beside config.json (tiny test folders write it), a local folder's config.json, the Hugging
 Face cache, and a table of the known SmolVLM2 ids.
+
+Two options change the model (smolvlm_with_expert.py, modeling_smolvla.py embed_prefix):
+- num_expert_layers > 0 (a divisor of num_vlm_layers; <= 0 means as many): expert layer j pairs with VLM
+  layer j * num_vlm_layers // num_expert_layers (get_model_layers); the VLM layers between pass the
+  actions through unchanged. Whether a layer self- or cross-attends follows the VLM layer's index.
+- add_image_special_tokens: each camera's tokens sit between the tokenizer's fake_image_token and
+  global_image_token, and one more fake_image_token (vlarl/models/smolvla/modeling.py).
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from vlarl.models.pi0.config import (
     ARCH_FILE,
     Pi0Stats,
     StatsDims,
-    _cameras,
     _json,
     _lerobot_stats,
     _tokenizer_step,
@@ -48,11 +54,14 @@ ROPE_THETA = 10_000.0  # smolvlm_with_expert.py apply_rope(max_wavelength=10_000
 class SmolVLASpec(StatsDims):
     vlm: dict  # SmolVLMConfig fields (text_config, vision_config, scale_factor, image_token_id)
     num_vlm_layers: int  # the VLM's first layers kept (16 for SmolVLA)
-    self_attn_every_n_layers: int  # expert layer i self-attends (jointly with the prefix) when i % n == 0
+    num_expert_layers: int  # the expert's layers: num_vlm_layers, or a divisor of it (fewer, spread evenly)
+    self_attn_every_n_layers: int  # VLM layer i's expert layer self-attends (jointly with the prefix) when i % n == 0
     expert_width_multiplier: float
     attention_mode: str  # "cross_attn" (interleaved) | "self_attn" (every layer joint)
+    add_image_special_tokens: bool  # each camera between <fake_token_around_image><global-img> and <fake_...>
     image_size: int  # cameras are resized (with padding) to this square
-    num_cameras: int
+    num_cameras: int  # the folder's cameras, empty ones included
+    empty_cameras: int  # of num_cameras, the padded (fully masked) ones LeRobot adds when cameras are missing
     chunk_size: int
     executed_steps: int
     max_state_dim: int
@@ -66,6 +75,11 @@ class SmolVLASpec(StatsDims):
     kind: str = "smolvla"
     layout: str = "lerobot"
 
+    @property
+    def expert_stride(self) -> int:
+        """VLM layers per expert layer: expert layer j reads VLM layer j * expert_stride."""
+        return self.num_vlm_layers // self.num_expert_layers
+
     def vlm_config(self) -> SmolVLMConfig:
         """transformers' SmolVLMConfig, cut to num_vlm_layers, with SmolVLA's RoPE base."""
         text = dict(self.vlm["text_config"], num_hidden_layers=self.num_vlm_layers,
@@ -73,6 +87,29 @@ class SmolVLASpec(StatsDims):
         text.pop("rope_theta", None)
         return SmolVLMConfig(text_config=text, vision_config=self.vlm["vision_config"],
                              scale_factor=self.vlm["scale_factor"], image_token_id=self.vlm["image_token_id"])
+
+
+def is_cross(spec: SmolVLASpec, layer: int) -> bool:
+    """Whether `layer` cross-attends (upstream's test, for VLM layer indices in the forward and for expert
+    layer indices when it sizes their k/v projections)."""
+    if "cross" not in spec.attention_mode:
+        return False
+    n = spec.self_attn_every_n_layers
+    return not (n > 0 and layer % n == 0)
+
+
+def _check_expert_layers(folder: Path, spec: SmolVLASpec) -> None:
+    """LeRobot sizes expert layer j's k/v projections by is_cross(j) but runs it as VLM layer j * stride does;
+    where the two disagree its model does not fit together (a shape error), so neither can vlarl's."""
+    for j in range(spec.num_expert_layers):
+        if is_cross(spec, j) != is_cross(spec, j * spec.expert_stride):
+            raise FamilyError(
+                f"{folder}: SmolVLA's expert layer {j} pairs with VLM layer {j * spec.expert_stride}, which "
+                f"{'cross' if is_cross(spec, j * spec.expert_stride) else 'self'}-attends, but LeRobot shapes the "
+                f"layer's k/v projections for {'cross' if is_cross(spec, j) else 'self'}-attention; LeRobot cannot "
+                f"run num_vlm_layers={spec.num_vlm_layers}, num_expert_layers={spec.num_expert_layers}, "
+                f"self_attn_every_n_layers={spec.self_attn_every_n_layers} either (choose an n coprime with "
+                f"{spec.expert_stride}).")
 
 
 def vlm_sizes(folder: Path, name: str) -> dict:
@@ -97,6 +134,14 @@ def vlm_sizes(folder: Path, name: str) -> dict:
                       "cache; set vlm_model_name in the folder's config.json to a local SmolVLM2 folder.")
 
 
+def _cameras(config: dict, empty: int) -> int:
+    """The folder's real cameras: LeRobot's saved input_features may already list its empty ones
+    (configuration_smolvla.py validate_features names them observation.images.empty_camera_<i>)."""
+    padded = {f"observation.images.empty_camera_{i}" for i in range(empty)}
+    features = config.get("input_features") or {}
+    return max(1, sum(1 for k, f in features.items() if f.get("type") == "VISUAL" and k not in padded))
+
+
 def is_smolvla(config: dict) -> bool:
     return config.get("type") == "smolvla"
 
@@ -106,12 +151,6 @@ def read_spec(folder: str | Path, model_cfg=None) -> SmolVLASpec:
     config = _json(folder / "config.json")
     if not is_smolvla(config):
         raise FamilyError(f"{folder}/config.json is not a SmolVLA config (LeRobot's \"type\": \"smolvla\").")
-    if config.get("add_image_special_tokens"):
-        raise FamilyError(f"{folder}: add_image_special_tokens=true is not supported yet; vlarl reads SmolVLA "
-                          "checkpoints trained without image special tokens (the default).")
-    if config.get("num_expert_layers", -1) > 0 and config["num_expert_layers"] != config.get("num_vlm_layers", 16):
-        raise FamilyError(f"{folder}: an expert with fewer layers than the VLM is not supported yet "
-                          f"(num_expert_layers={config['num_expert_layers']}).")
     chunk, executed = config.get("chunk_size", 50), config.get("n_action_steps", 50)
     executed = getattr(model_cfg, "executed_steps", None) or executed
     if not 0 < executed <= chunk:
@@ -119,14 +158,26 @@ def read_spec(folder: str | Path, model_cfg=None) -> SmolVLASpec:
     tok = _tokenizer_step(folder)
     name = config.get("vlm_model_name", DEFAULT_VLM)
     size = config.get("resize_imgs_with_padding") or [512, 512]
-    return SmolVLASpec(
-        vlm=vlm_sizes(folder, name), num_vlm_layers=config.get("num_vlm_layers", 16),
+    vlm = vlm_sizes(folder, name)
+    layers = config.get("num_vlm_layers", 16)
+    layers = layers if layers > 0 else vlm["text_config"]["num_hidden_layers"]  # <= 0: LeRobot keeps them all
+    experts = config.get("num_expert_layers", -1)
+    experts = experts if experts > 0 else layers
+    if layers % experts:
+        raise FamilyError(f"{folder}: SmolVLA's num_vlm_layers={layers} is not a multiple of num_expert_layers="
+                          f"{experts} (LeRobot requires it); fix the folder's config.json.")
+    empty = config.get("empty_cameras", 0)
+    spec = SmolVLASpec(
+        vlm=vlm, num_vlm_layers=layers, num_expert_layers=experts,
         self_attn_every_n_layers=config.get("self_attn_every_n_layers", 2),
         expert_width_multiplier=config.get("expert_width_multiplier", 0.75),
-        attention_mode=config.get("attention_mode", "cross_attn"), image_size=int(size[0]),
-        num_cameras=_cameras(config) + config.get("empty_cameras", 0), chunk_size=chunk, executed_steps=executed,
+        attention_mode=config.get("attention_mode", "cross_attn"),
+        add_image_special_tokens=bool(config.get("add_image_special_tokens", False)), image_size=int(size[0]),
+        num_cameras=_cameras(config, empty) + empty, empty_cameras=empty, chunk_size=chunk, executed_steps=executed,
         max_state_dim=config.get("max_state_dim", 32), max_action_dim=config.get("max_action_dim", 32),
         num_steps=config.get("num_steps", 10), min_period=config.get("min_period", 4e-3),
         max_period=config.get("max_period", 4.0), tokenizer_name=tok.get("tokenizer_name", name),
         tokenizer_max_length=tok.get("max_length", config.get("tokenizer_max_length", 48)),
         stats=_lerobot_stats(folder, config, "smolvla"))
+    _check_expert_layers(folder, spec)
+    return spec

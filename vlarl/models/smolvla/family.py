@@ -17,11 +17,27 @@ from vlarl.models.pi0.actions import Pi0Actions
 from vlarl.models.pi0.checkpoint import WEIGHTS, read_weights, side_files
 from vlarl.models.pi0.family import libero_cameras, load_heads, load_tokenizer, save_pi0
 from vlarl.models.pi0.modeling import Pi0Settings
-from vlarl.models.smolvla.config import is_smolvla, read_spec
+from vlarl.models.smolvla.config import SmolVLASpec, is_smolvla, read_spec
 from vlarl.models.smolvla.modeling import SmolVLAPolicy
 from vlarl.models.tiny_flow.family import flow_matching, sampler_settings
 
 UNUSED = {"vlm.lm_head.weight"}  # SmolVLM's language head: SmolVLA never decodes text
+IMAGE_TOKENS = ("fake_image_token", "global_image_token")  # SmolVLM2's tokenizer_config.json extra_special_tokens
+
+
+def image_token_ids(spec: SmolVLASpec, tokenizer, folder: Path) -> tuple[int, int] | None:
+    """The tokenizer's (fake_image_token_id, global_image_token_id) when the folder adds image special
+    tokens (modeling_smolvla.py reads them from the SmolVLM2 processor's tokenizer), else None."""
+    if not spec.add_image_special_tokens:
+        return None
+    ids = []
+    for name in IMAGE_TOKENS:
+        token = getattr(tokenizer, name, None)
+        if token is None or str(token) not in tokenizer.get_vocab():
+            raise FamilyError(f"{folder} sets add_image_special_tokens=true, but its tokenizer has no {name}; set "
+                              "model.tokenizer_path to the SmolVLM2 tokenizer the checkpoint was trained with.")
+        ids.append(tokenizer.convert_tokens_to_ids(str(token)))
+    return ids[0], ids[1]
 
 
 def load_smolvla(folder: Path, model_cfg) -> Loaded:
@@ -31,7 +47,8 @@ def load_smolvla(folder: Path, model_cfg) -> Loaded:
     settings = Pi0Settings(action_dim=spec.action_dim * spec.executed_steps, value_from=model_cfg.value_from,
                            **sampler_settings(model_cfg.flow))
     tokenizer = load_tokenizer(spec, model_cfg)
-    model = SmolVLAPolicy(spec, settings, init_weights=False)  # every weight comes from the folder
+    model = SmolVLAPolicy(spec, settings, init_weights=False,  # every weight comes from the folder
+                          image_token_ids=image_token_ids(spec, tokenizer, folder))
     state, record = read_weights(folder, spec.layout, "smolvla")
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     if set(missing) - UNUSED or unexpected:
@@ -56,7 +73,8 @@ class SmolVLA(Family):
         return is_smolvla(config)
 
     def check(self, folder: Path, model_cfg) -> None:
-        load_tokenizer(read_spec(folder, model_cfg), model_cfg)
+        spec = read_spec(folder, model_cfg)
+        image_token_ids(spec, load_tokenizer(spec, model_cfg), folder)
 
     def actions_per_call(self, folder: Path, model_cfg) -> int:
         return read_spec(folder, model_cfg).executed_steps

@@ -4,14 +4,21 @@ an action expert, half self-attention and half cross-attention layers, denoises 
 What LeRobot's SmolVLA computes (src/lerobot/policies/smolvla/modeling_smolvla.py, smolvlm_with_expert.py):
 - Prefix: each camera through the SigLIP tower and the pixel-shuffle connector, the instruction
   (`task + "\\n"`), both scaled by sqrt(width), then one state token (state_proj of the padded state).
+  With add_image_special_tokens, each camera's tokens are preceded by the embeddings (unscaled) of the
+  tokenizer's fake_image_token and global_image_token and followed by another fake_image_token; the three
+  are never padding, so an empty camera slot keeps them (its image tokens are masked, which is leaving them out).
   Cameras and instruction attend to each other bidirectionally; only the state token sees everything
   (it alone opens a new attention block). RoPE with base 10000 for both towers, whatever the VLM's own.
-- Expert: a Llama with 0.75x the VLM's width and as many layers as the kept VLM layers. Layer i with
-  i % self_attn_every_n_layers == 0 attends jointly: its queries, keys and values over the actions,
-  keys and values of the VLM layer i's prefix cache before them. The other layers cross-attend: keys and
-  values are the VLM layer i's cached (rotated) prefix keys and values through the expert's own k_proj and
-  v_proj (VLM kv width -> expert kv width), queries rotated from position 0. Actions attend causally to
-  each other. Suffix: action_time_mlp_out(silu(action_time_mlp_in([action_in_proj(x_t), sinusoid(t)]))).
+- Expert: a Llama with 0.75x the VLM's width and num_expert_layers layers; expert layer j pairs with VLM
+  layer i = j * stride (stride = num_vlm_layers // num_expert_layers; other VLM layers leave the actions
+  as they are). It attends jointly when i % self_attn_every_n_layers == 0: its queries, keys and values
+  over the actions, keys and values of the VLM layer i's prefix cache before them. Otherwise it
+  cross-attends: keys and values are the VLM layer i's cached (rotated) prefix keys and values through the
+  expert's own k_proj and v_proj (VLM kv width -> expert kv width), queries rotated from position 0.
+  Actions attend causally to each other.
+  Suffix: action_time_mlp_out(silu(action_time_mlp_in([action_in_proj(x_t), sinusoid(t)]))).
+  LeRobot's cached sampler fails on a VLM layer without an expert layer that it would run jointly (an
+  empty concatenation); vlarl passes the actions through it, as LeRobot's training forward does.
 Denoising conventions and the flow state are pi0's (vlarl/models/pi0/modeling.py).
 """
 
@@ -27,7 +34,7 @@ from transformers import LlamaModel, SmolVLMForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
 
 from vlarl.models.pi0.modeling import Pi0Policy
-from vlarl.models.smolvla.config import SmolVLASpec
+from vlarl.models.smolvla.config import SmolVLASpec, is_cross
 
 
 def expert_width(spec: SmolVLASpec) -> int:
@@ -45,13 +52,6 @@ def sinusoid(t: torch.Tensor, width: int, min_period: float, max_period: float) 
     fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64, device=t.device)
     angle = (2 * math.pi / (min_period * (max_period / min_period) ** fraction))[None] * t.double()[:, None]
     return torch.cat([angle.sin(), angle.cos()], 1).float()
-
-
-def is_cross(spec: SmolVLASpec, layer: int) -> bool:
-    if "cross" not in spec.attention_mode:
-        return False
-    n = spec.self_attn_every_n_layers
-    return not (n > 0 and layer % n == 0)
 
 
 class ExpertLayer(LlamaDecoderLayer):
@@ -100,10 +100,13 @@ class SmolVLABackbone(nn.Module):
         expert = copy.deepcopy(text)
         expert.hidden_size = expert_width(spec)
         expert.intermediate_size = intermediate_size(expert.hidden_size)
+        expert.num_hidden_layers = spec.num_expert_layers
         self.lm_expert = LlamaModel(expert)
         kv_width = text.num_key_value_heads * text.head_dim
-        self.lm_expert.layers = nn.ModuleList(ExpertLayer(expert, i, is_cross(spec, i), kv_width)
-                                              for i in range(expert.num_hidden_layers))
+        # Expert layer j attends as its VLM layer j * stride does (config.py checks LeRobot shapes it so).
+        self.lm_expert.layers = nn.ModuleList(
+            ExpertLayer(expert, j, is_cross(spec, j * spec.expert_stride), kv_width)
+            for j in range(spec.num_expert_layers))
         self.lm_expert.embed_tokens = None  # upstream removes it (the expert reads embeddings)
         width = expert.hidden_size
         self.state_proj = nn.Linear(spec.max_state_dim, text.hidden_size)
@@ -119,6 +122,13 @@ class SmolVLAPolicy(Pi0Policy):
     lora_trainable = ("value_head", "noise_head", "backbone.lm_expert", "backbone.state_proj",
                       "backbone.action_in_proj", "backbone.action_out_proj", "backbone.action_time_mlp_in",
                       "backbone.action_time_mlp_out")
+
+    def __init__(self, spec: SmolVLASpec, settings, init_weights: bool = True,
+                 image_token_ids: tuple[int, int] | None = None):
+        """image_token_ids: the tokenizer's (fake_image_token_id, global_image_token_id), which the prefix
+        needs when spec.add_image_special_tokens (vlarl/models/smolvla/family.py reads them)."""
+        super().__init__(spec, settings, init_weights)
+        self.image_token_ids = image_token_ids
 
     @staticmethod
     def build_backbone(spec: SmolVLASpec) -> nn.Module:
@@ -157,7 +167,7 @@ class SmolVLAPolicy(Pi0Policy):
         feats = vlm.connector(vlm.vision_model(pixel_values=pixels.flatten(0, 1)).last_hidden_state)
         width = feats.shape[-1]
         scale = math.sqrt(width)
-        feats = feats.reshape(b, -1, width) * scale
+        feats = self.camera_tokens(feats.reshape(b, n, -1, width) * scale)
         lang = vlm.text_model.embed_tokens(input_ids) * scale
         state = bb.state_proj(self.state(proprio))[:, None]
         embeds = torch.cat([feats, lang.to(feats.dtype), state.to(feats.dtype)], 1)
@@ -171,6 +181,22 @@ class SmolVLAPolicy(Pi0Policy):
         cache = out.past_key_values
         keys, vals = tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
         return (keys, vals, pad), out.last_hidden_state[:, -1]
+
+    def camera_tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """Scaled camera features (B, n, T, W) -> the prefix's image tokens (B, I, W): the cameras one after
+        another, each between the image special tokens when the folder adds them (plus the three of each
+        empty camera slot LeRobot would fill)."""
+        b, n = feats.shape[:2]
+        if not self.spec.add_image_special_tokens:
+            return feats.flatten(1, 2)
+        if self.image_token_ids is None:
+            raise ValueError("This SmolVLA adds image special tokens; build SmolVLAPolicy with image_token_ids.")
+        fake, global_image = self.image_token_ids
+        marks = self.backbone.vlm.model.text_model.embed_tokens(
+            torch.tensor([fake, global_image, fake], device=feats.device)).to(feats.dtype)  # (3, W), not scaled
+        around = torch.cat([marks[:2].expand(b, n, 2, -1), feats, marks[2:].expand(b, n, 1, -1)], 2)
+        empty = min(self.spec.num_cameras - n, self.spec.empty_cameras)
+        return torch.cat([around.flatten(1, 2), marks.repeat(empty, 1).expand(b, -1, -1)], 1)
 
     @staticmethod
     def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -195,6 +221,7 @@ class SmolVLAPolicy(Pi0Policy):
         sees_prefix = pad[:, None, :].expand(b, chunk, pad.shape[1])
         masks = {"self": self.additive(torch.cat([sees_prefix, causal.expand(b, -1, -1)], 2), h.dtype),
                  "cross": self.additive(sees_prefix, h.dtype)}
-        for layer, k, v in zip(bb.lm_expert.layers, keys, vals):
-            h = layer(h, k, v, masks, rotaries)
+        stride = spec.expert_stride
+        for j, layer in enumerate(bb.lm_expert.layers):
+            h = layer(h, keys[j * stride], vals[j * stride], masks, rotaries)
         return bb.lm_expert.norm(h)

@@ -1,10 +1,12 @@
 """Tiny random SmolVLA folders in LeRobot's layout, for tests.
 
-    python -m vlarl.models.smolvla.tiny OUT [--tokenizer DIR]
+    python -m vlarl.models.smolvla.tiny OUT [--tokenizer DIR] [--num-vlm-layers N] [--num-expert-layers N]
+        [--self-attn-every-n-layers N] [--attention-mode cross_attn|self_attn] [--add-image-special-tokens]
 
 The folder carries LeRobot's file names, config fields (`"type": "smolvla"`), weight names under
 `model.` and statistics files; the tiny SmolVLM2 backbone's sizes go into arch.json beside config.json
-(`{"vlm": SmolVLMConfig fields}`), which the loader reads before `vlm_model_name`.
+(`{"vlm": SmolVLMConfig fields}`), which the loader reads before `vlm_model_name`. The tokenizer written
+beside it names SmolVLM2's image special tokens, as add_image_special_tokens folders need.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from vlarl.data.spec import ACTION_DIM, PROPRIO_DIM
 from vlarl.models.pi0.checkpoint import to_transformers, write_weights
 from vlarl.models.pi0.config import ARCH_FILE, Pi0Stats
 from vlarl.models.pi0.modeling import Pi0Settings
-from vlarl.models.pi0.tiny import _stats_tensors, write_tiny_tokenizer
+from vlarl.models.pi0.tiny import _stats_tensors
+from vlarl.models.pi0.tiny import write_tiny_tokenizer as write_word_tokenizer
 from vlarl.models.smolvla.config import SmolVLASpec
 from vlarl.models.smolvla.modeling import SmolVLAPolicy
 
@@ -34,18 +37,41 @@ TINY_VLM = {  # a SmolVLM2-shaped backbone: 4 text layers (the folder keeps the 
                       "patch_size": 4, "image_size": 16},
     "scale_factor": 2, "image_token_id": 127}
 TINY_VLM_NAME = "vlarl-test/tiny-smolvlm2"
+# SmolVLM2's named extra special tokens (its tokenizer_config.json), which add_image_special_tokens reads.
+IMAGE_SPECIAL_TOKENS = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+                        "image_token": "<image>"}
 
 
 def tiny_spec(seed: int = 0, chunk_size: int = 10, executed_steps: int = 2, cameras: int = 2,
-              tokenizer_name: str = TINY_VLM_NAME) -> SmolVLASpec:
+              tokenizer_name: str = TINY_VLM_NAME, num_vlm_layers: int = 2, num_expert_layers: int = -1,
+              self_attn_every_n_layers: int = 2, attention_mode: str = "cross_attn",
+              add_image_special_tokens: bool = False, empty_cameras: int = 0) -> SmolVLASpec:
+    """The options take LeRobot's config.json names; num_expert_layers <= 0 means num_vlm_layers, and
+    `cameras` counts the empty ones."""
     rng = np.random.default_rng(seed)
     stats = Pi0Stats(rng.normal(0, 0.3, PROPRIO_DIM).tolist(), rng.uniform(0.1, 1.0, PROPRIO_DIM).tolist(),
                      rng.normal(0, 0.1, ACTION_DIM).tolist(), rng.uniform(0.05, 0.5, ACTION_DIM).tolist(), 1e-8, 0.0)
-    return SmolVLASpec(vlm=TINY_VLM, num_vlm_layers=2, self_attn_every_n_layers=2, expert_width_multiplier=0.75,
-                       attention_mode="cross_attn", image_size=16, num_cameras=cameras, chunk_size=chunk_size,
+    return SmolVLASpec(vlm=TINY_VLM, num_vlm_layers=num_vlm_layers,
+                       num_expert_layers=num_expert_layers if num_expert_layers > 0 else num_vlm_layers,
+                       self_attn_every_n_layers=self_attn_every_n_layers, expert_width_multiplier=0.75,
+                       attention_mode=attention_mode, add_image_special_tokens=add_image_special_tokens,
+                       image_size=16, num_cameras=cameras, empty_cameras=empty_cameras, chunk_size=chunk_size,
                        executed_steps=executed_steps, max_state_dim=32, max_action_dim=32, num_steps=10,
                        min_period=4e-3, max_period=4.0, tokenizer_name=tokenizer_name, tokenizer_max_length=48,
                        stats=stats)
+
+
+def write_tiny_tokenizer(out: str | Path) -> Path:
+    """pi0's tiny word-level tokenizer (vlarl/models/pi0/tiny.py) plus SmolVLM2's image special tokens
+    (ids right after its words, inside the tiny vocabulary), named as in SmolVLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = write_word_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out), extra_special_tokens=IMAGE_SPECIAL_TOKENS)
+    tokenizer.add_tokens(list(IMAGE_SPECIAL_TOKENS.values()), special_tokens=True)
+    assert len(tokenizer) <= TINY_VLM["text_config"]["vocab_size"]
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 def upstream_name(name: str) -> str:
@@ -55,7 +81,7 @@ def upstream_name(name: str) -> str:
 
 def _write_side_files(out: Path, spec: SmolVLASpec) -> None:
     norm_map = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
-    cams = ["observation.images.image", "observation.images.wrist_image"][:spec.num_cameras]
+    cams = ["observation.images.image", "observation.images.wrist_image"][:spec.num_cameras - spec.empty_cameras]
     inputs = {k: {"type": "VISUAL", "shape": [3, spec.image_size, spec.image_size]} for k in cams}
     inputs["observation.state"] = {"type": "STATE", "shape": [spec.state_dim]}
     outputs = {"action": {"type": "ACTION", "shape": [spec.action_dim]}}
@@ -63,13 +89,15 @@ def _write_side_files(out: Path, spec: SmolVLASpec) -> None:
               "device": "cpu", "use_amp": False, "push_to_hub": False, "chunk_size": spec.chunk_size,
               "n_action_steps": spec.executed_steps, "normalization_mapping": norm_map,
               "max_state_dim": spec.max_state_dim, "max_action_dim": spec.max_action_dim,
-              "resize_imgs_with_padding": [spec.image_size, spec.image_size], "empty_cameras": 0,
+              "resize_imgs_with_padding": [spec.image_size, spec.image_size], "empty_cameras": spec.empty_cameras,
               "adapt_to_pi_aloha": False, "use_delta_joint_actions_aloha": False,
               "tokenizer_max_length": spec.tokenizer_max_length, "num_steps": spec.num_steps, "use_cache": True,
               "freeze_vision_encoder": True, "train_expert_only": True, "train_state_proj": True,
               "optimizer_lr": 1e-4, "vlm_model_name": spec.tokenizer_name, "load_vlm_weights": True,
-              "add_image_special_tokens": False, "attention_mode": spec.attention_mode, "prefix_length": -1,
-              "pad_language_to": "longest", "num_expert_layers": -1, "num_vlm_layers": spec.num_vlm_layers,
+              "add_image_special_tokens": spec.add_image_special_tokens, "attention_mode": spec.attention_mode,
+              "prefix_length": -1, "pad_language_to": "longest",
+              "num_expert_layers": spec.num_expert_layers if spec.num_expert_layers < spec.num_vlm_layers else -1,
+              "num_vlm_layers": spec.num_vlm_layers,
               "self_attn_every_n_layers": spec.self_attn_every_n_layers,
               "expert_width_multiplier": spec.expert_width_multiplier, "min_period": spec.min_period,
               "max_period": spec.max_period}
@@ -116,8 +144,17 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="also write a tiny tokenizer to this folder")
+    parser.add_argument("--num-vlm-layers", type=int, default=2, help="of the tiny backbone's 4")
+    parser.add_argument("--num-expert-layers", type=int, default=-1, help="a divisor of --num-vlm-layers")
+    parser.add_argument("--self-attn-every-n-layers", type=int, default=2)
+    parser.add_argument("--attention-mode", default="cross_attn", choices=["cross_attn", "self_attn"])
+    parser.add_argument("--add-image-special-tokens", action="store_true")
     args = parser.parse_args()
-    print(write_tiny_smolvla(args.out, args.seed))
+    print(write_tiny_smolvla(args.out, args.seed, num_vlm_layers=args.num_vlm_layers,
+                             num_expert_layers=args.num_expert_layers,
+                             self_attn_every_n_layers=args.self_attn_every_n_layers,
+                             attention_mode=args.attention_mode,
+                             add_image_special_tokens=args.add_image_special_tokens))
     if args.tokenizer:
         print(write_tiny_tokenizer(args.tokenizer))
 
