@@ -82,6 +82,10 @@ class TinyModelConfig:
     layers: int = 2  # decoder depth
     heads: int = 4  # decoder attention heads
     intermediate: int = 128  # decoder MLP width
+    # std of the decoder's token embeddings at build (0.02, the other weights' init, unless set): larger
+    # gives the instruction's tokens weight beside the image patches from the start, as a pretrained
+    # VLM's embeddings have (README, Learning from weak starts)
+    embed_std: float = 0.02
 
 
 @dataclass
@@ -421,6 +425,8 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
+    if not cfg.model.tiny.embed_std > 0:
+        raise ConfigError(f"model.tiny.embed_std must be positive (0.02 is the default init); got {cfg.model.tiny.embed_std}.")
     if cfg.trainer.bc_lr is not None and not cfg.trainer.bc_lr > 0:
         raise ConfigError(f"trainer.bc_lr must be positive, or null for the policy's default; got {cfg.trainer.bc_lr}.")
     fits = {"ppo": ("gae",), "grpo": ("grpo", "rloo")}[cfg.algo.name]

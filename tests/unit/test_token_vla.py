@@ -79,6 +79,18 @@ def test_same_seed_same_weights():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+@pytest.mark.parametrize("name", ["tiny_token", "tiny_flow"])
+def test_embed_std_rescales_only_the_token_embeddings(name):
+    instructions = ToyEnv(1).instructions()
+    plain = build_tiny_model(load_config([f"model={name}"]).model, IMAGE_SIZE, instructions, 3).model.state_dict()
+    wide = build_tiny_model(load_config([f"model={name}", "model.tiny.embed_std=0.5"]).model, IMAGE_SIZE,
+                            instructions, 3).model.state_dict()
+    key = "language_model.model.embed_tokens.weight"
+    assert abs(plain[key].std().item() - 0.02) < 0.002 and abs(wide[key].std().item() - 0.5) < 0.05
+    torch.testing.assert_close(wide[key], plain[key] * 25)  # the same draw, scaled
+    assert all(torch.equal(plain[k], wide[k]) for k in plain if k != key)
+
+
 def test_value_head_starts_at_zero():
     model, tokenizer, _ = tiny(value_head=False)
     with torch.no_grad():

@@ -64,4 +64,5 @@ class TinyFlow(TinyToken):
                                expert_heads=f.expert_heads, **sampler_settings(f))
         torch.manual_seed(seed)
         model = FlowVLA(config)
+        model.scale_token_embeddings(model_cfg.tiny.embed_std)
         return Loaded(model, tokenizer, ActionTokenizer(model.vocab_size, ActionStats.identity(ACTION_DIM * action_chunk)), self)

@@ -133,4 +133,5 @@ class TinyToken(Family):
         config = TokenVLAConfig(**tiny_backbone(model_cfg, image_size, tokenizer), action_dim=ACTION_DIM * action_chunk)
         torch.manual_seed(seed)
         model = TokenVLA(config)
+        model.scale_token_embeddings(model_cfg.tiny.embed_std)
         return Loaded(model, tokenizer, ActionTokenizer(model.vocab_size, ActionStats.identity(ACTION_DIM * action_chunk)), self)

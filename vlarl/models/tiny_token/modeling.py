@@ -21,6 +21,9 @@ from vlarl.models.action_tokenizer import NUM_BINS
 from vlarl.models.token_scoring import score_action_tokens
 
 
+INIT_STD = 0.02  # std of every Linear and Embedding weight at build (LLaMA's initializer_range)
+
+
 class TokenVLAConfig(PretrainedConfig):
     model_type = "vlarl_token_vla"
 
@@ -57,13 +60,19 @@ class TokenVLA(PreTrainedModel):
         nn.init.zeros_(self.value_head[-1].weight)
         nn.init.zeros_(self.value_head[-1].bias)
 
+    def scale_token_embeddings(self, std: float) -> None:
+        """Rescale the decoder's token embeddings from their init std (INIT_STD) to `std`, leaving
+        every other weight and the random draw itself as built."""
+        with torch.no_grad():
+            self.language_model.get_input_embeddings().weight.mul_(std / INIT_STD)
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=INIT_STD)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=INIT_STD)
 
     @property
     def vocab_size(self) -> int:
