@@ -12,7 +12,11 @@ a random block ignoring the instruction (so beating it shows the policy reads th
     .venv/bin/python bench/learn_toy.py --model openvla_oft --algos ppo --out bench/results/learn_toy_oft.json
 
 `openvla_oft` is a tiny folder in the OFT layout (vlarl.models.openvla_oft.tiny, discrete head) read
-with a chunk of 4 actions per call and one camera, written under --run-root first.
+with a chunk of 4 actions per call and one camera, written under --run-root first. It reads the
+instruction after about 1,000 warm-start steps; the rise in the README (50 -> 79 % in 30 iterations) is
+
+    .venv/bin/python bench/learn_toy.py --model openvla_oft --algos ppo --out bench/results/learn_toy_oft.json \
+        trainer.bc_warmup_steps=1000 rollout.num_envs=512 algo.minibatch_size=2048 algo.actor_lr=1e-3 trainer.iterations=30
 
 The report holds runs[model][algo]: the success curve, wall time and parameter count of each.
 """
