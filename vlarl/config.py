@@ -319,7 +319,7 @@ POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.i
             "algo.group_size", "cluster.num_rollout_workers", "cluster.num_learners",
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
-            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor", "model.oft.chunk", "model.oft.num_images",
+            "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor", "model.oft.chunk", "model.oft.num_images", "model.tiny.embed_std",
             "cluster.num_nodes", "cluster.gpus_per_node", "cluster.placement_timeout_s", "cluster.recovery_timeout_s",
             "cluster.collective_timeout_s")
 
@@ -425,8 +425,6 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
-    if not cfg.model.tiny.embed_std > 0:
-        raise ConfigError(f"model.tiny.embed_std must be positive (0.02 is the default init); got {cfg.model.tiny.embed_std}.")
     if cfg.trainer.bc_lr is not None and not cfg.trainer.bc_lr > 0:
         raise ConfigError(f"trainer.bc_lr must be positive, or null for the policy's default; got {cfg.trainer.bc_lr}.")
     fits = {"ppo": ("gae",), "grpo": ("grpo", "rloo")}[cfg.algo.name]

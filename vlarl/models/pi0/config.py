@@ -213,9 +213,10 @@ def _openpi_stats(folder: Path, asset_id: str | None, kind: str) -> Pi0Stats:
     return Pi0Stats(stats["state"][lo], stats["state"][hi], stats["actions"][lo], stats["actions"][hi], 1e-6, 1e-6, mode)
 
 
-def _cameras(config: dict) -> int:
+def _cameras(config: dict, ignore: frozenset[str] = frozenset()) -> int:
+    """The folder's cameras: its VISUAL input features, less those named in `ignore`."""
     features = config.get("input_features") or {}
-    return max(1, sum(1 for f in features.values() if f.get("type") == "VISUAL"))
+    return max(1, sum(1 for k, f in features.items() if f.get("type") == "VISUAL" and k not in ignore))
 
 
 def read_spec(folder: str | Path, model_cfg=None) -> Pi0Spec:

@@ -30,6 +30,7 @@ from vlarl.models.pi0.config import (
     ARCH_FILE,
     Pi0Stats,
     StatsDims,
+    _cameras,
     _json,
     _lerobot_stats,
     _tokenizer_step,
@@ -134,12 +135,10 @@ def vlm_sizes(folder: Path, name: str) -> dict:
                       "cache; set vlm_model_name in the folder's config.json to a local SmolVLM2 folder.")
 
 
-def _cameras(config: dict, empty: int) -> int:
+def _real_cameras(config: dict, empty: int) -> int:
     """The folder's real cameras: LeRobot's saved input_features may already list its empty ones
     (configuration_smolvla.py validate_features names them observation.images.empty_camera_<i>)."""
-    padded = {f"observation.images.empty_camera_{i}" for i in range(empty)}
-    features = config.get("input_features") or {}
-    return max(1, sum(1 for k, f in features.items() if f.get("type") == "VISUAL" and k not in padded))
+    return _cameras(config, frozenset(f"observation.images.empty_camera_{i}" for i in range(empty)))
 
 
 def is_smolvla(config: dict) -> bool:
@@ -173,7 +172,7 @@ def read_spec(folder: str | Path, model_cfg=None) -> SmolVLASpec:
         expert_width_multiplier=config.get("expert_width_multiplier", 0.75),
         attention_mode=config.get("attention_mode", "cross_attn"),
         add_image_special_tokens=bool(config.get("add_image_special_tokens", False)), image_size=int(size[0]),
-        num_cameras=_cameras(config, empty) + empty, empty_cameras=empty, chunk_size=chunk, executed_steps=executed,
+        num_cameras=_real_cameras(config, empty) + empty, empty_cameras=empty, chunk_size=chunk, executed_steps=executed,
         max_state_dim=config.get("max_state_dim", 32), max_action_dim=config.get("max_action_dim", 32),
         num_steps=config.get("num_steps", 10), min_period=config.get("min_period", 4e-3),
         max_period=config.get("max_period", 4.0), tokenizer_name=tok.get("tokenizer_name", name),
