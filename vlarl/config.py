@@ -226,6 +226,10 @@ class TrainerConfig:
     bc_episodes: int = 4096  # scripted demonstration episodes for the warm start (about 2.5 steps each)
     bc_lr: Optional[float] = None  # learning rate of the warm start; null: 2e-3 for token policies, 5e-4 for flow policies
     bc_minibatch_size: int = 128  # demonstration steps per warm-start gradient step
+    # stop the warm start once greedy success on the held-out eval episodes reaches this (checked every
+    # bc_check_every steps; bc_warmup_steps is the cap): a start of known strength whatever the draw
+    bc_target_success: Optional[float] = None
+    bc_check_every: int = 250  # warm-start steps between bc_target_success checks
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "vlarl"  # W&B project
     curriculum_floor: float = 0.02  # minimum sampling probability of any task
@@ -320,7 +324,7 @@ POSITIVE = ("rollout.vllm_memory_fraction", "rollout.sync_bucket_mb", "trainer.i
             "env.max_steps", "env.image_size", "env.action_chunk", "env.camera_size",
             "env.step_timeout", "env.reset_timeout", "env.sim_cache", "env.num_tasks", "env.num_init_states", "rollout.temperature", "trainer.save_every",
             "model.flow.num_steps", "model.flow.noise_level", "model.flow.std_floor", "model.oft.chunk", "model.oft.num_images", "model.tiny.embed_std",
-            "cluster.num_nodes", "cluster.gpus_per_node", "cluster.placement_timeout_s", "cluster.recovery_timeout_s",
+            "trainer.bc_check_every", "cluster.num_nodes", "cluster.gpus_per_node", "cluster.placement_timeout_s", "cluster.recovery_timeout_s",
             "cluster.collective_timeout_s")
 
 
@@ -427,6 +431,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}.")
     if cfg.trainer.bc_lr is not None and not cfg.trainer.bc_lr > 0:
         raise ConfigError(f"trainer.bc_lr must be positive, or null for the policy's default; got {cfg.trainer.bc_lr}.")
+    target = cfg.trainer.bc_target_success
+    if target is not None and not (0 < target <= 1 and cfg.trainer.bc_warmup_steps > 0 and cfg.rollout.eval_episodes > 0):
+        raise ConfigError(f"trainer.bc_target_success={target} stops a warm start at a greedy success rate in (0, 1] "
+                          "measured on rollout.eval_episodes held-out episodes: set it in (0, 1], with "
+                          "trainer.bc_warmup_steps > 0 (the cap) and rollout.eval_episodes > 0, or null to run every step.")
     fits = {"ppo": ("gae",), "grpo": ("grpo", "rloo")}[cfg.algo.name]
     if cfg.algo.advantage not in fits:
         raise ConfigError(f"algo.name={cfg.algo.name} needs algo.advantage={' or '.join(fits)}; pick the algorithm "

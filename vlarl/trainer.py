@@ -538,8 +538,8 @@ def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: 
     if cfg.rollout.eval_every:
         metrics["eval/initial_success_rate"] = evaluate(cfg, w, -1, version)["success_rate"]
     if cfg.trainer.bc_warmup_steps > 0:
-        metrics.update(warm_start(cfg, w))
-        version = push_weights(cfg, w, version + 1)
+        bc, version = warm_start(cfg, w, logger, version)
+        metrics.update(bc)
         if cfg.rollout.eval_every:
             metrics["eval/success_rate"] = evaluate(cfg, w, -1, version)["success_rate"]
     if metrics:
@@ -548,8 +548,14 @@ def initial_report(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: 
     return version
 
 
-def warm_start(cfg: DictConfig, w: Workers) -> dict:
-    """Behaviour cloning on scripted demonstrations before RL; reported as bc/* so the RL gain stays visible."""
+def warm_start(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: int) -> tuple[dict, int]:
+    """Behaviour cloning on scripted demonstrations before RL, reported as bc/* so the RL gain stays
+    visible; the new weights go to the rollout workers. With trainer.bc_target_success it runs in
+    pieces of trainer.bc_check_every steps and stops at the first piece after which greedy success
+    on the held-out episodes (those of evaluate) reaches the target, or at trainer.bc_warmup_steps;
+    bc/steps says how many it took. Returns the metrics and the weights version."""
+    from vlarl.eval import greedy_episodes
+
     probe = ray.get(w.rollout[0].env_shape.remote())
     per_worker = cfg.rollout.num_envs // len(w.rollout)
     rng = np.random.default_rng((cfg.trainer.seed, 7))
@@ -560,11 +566,30 @@ def warm_start(cfg: DictConfig, w: Workers) -> dict:
                 for r in w.rollout]
         demos += ray.get(refs)
     batch = TrajectoryBatch.concat(demos)
-    out = mean_over_ranks(learners_get(cfg, [l.behaviour_clone.remote(batch, cfg.trainer.bc_warmup_steps, cfg.trainer.bc_minibatch_size,
-                                                            warm_start_lr(cfg))
-                                   for l in w.learners]))
-    out["bc/demo_success"] = float(batch.success.mean())
-    return out
+    demo_success = float(batch.success.mean())
+    batch = ray.put(batch)  # sent once, read by every piece
+    total, target = cfg.trainer.bc_warmup_steps, cfg.trainer.bc_target_success
+    piece = total if target is None else min(cfg.trainer.bc_check_every, total)
+    episodes = list(zip(*held_out_episodes(probe["num_tasks"], probe["num_init_states"],
+                                           probe["num_held_out_states"], 0, cfg.rollout.eval_episodes)))
+    done, out = 0, {}
+    while done < total:
+        steps = min(piece, total - done)
+        out = mean_over_ranks(learners_get(cfg, [
+            l.behaviour_clone.remote(batch, steps, cfg.trainer.bc_minibatch_size, warm_start_lr(cfg), resume=done > 0,
+                                     keep=target is not None, total=total) for l in w.learners]))
+        done += steps
+        version = push_weights(cfg, w, version + 1)
+        if target is None:
+            break
+        success = float(greedy_episodes(w.rollout, per_worker, episodes, 10**6, 0, version).success.mean())
+        logger.info(f"vlarl: warm start {done}/{total} steps: greedy success {success:.3f} (target {target:g})")
+        if success >= target:
+            break
+    if target is not None:
+        learners_get(cfg, [l.end_behaviour_clone.remote() for l in w.learners])
+    out["bc/demo_success"] = demo_success
+    return out, version
 
 
 def save_checkpoint(cfg, w: Workers, it: int, version: int, env_steps: int, current_return: float) -> None:

@@ -111,6 +111,9 @@ def test_config_is_read_only():
     (["model=tiny_flow", "model.lora_rank=4"], "model.lora_rank"),
     (["algo.kl_coef=-1"], "algo.kl_coef"),
     (["trainer.bc_lr=0"], "trainer.bc_lr"),
+    (["trainer.bc_warmup_steps=100", "trainer.bc_target_success=1.5"], "trainer.bc_target_success"),
+    (["trainer.bc_target_success=0.3"], "trainer.bc_warmup_steps"),  # a target needs a warm start to stop
+    (["trainer.bc_check_every=0"], "trainer.bc_check_every"),
     (["algo=grpo"], "rollout.num_envs"),
     (["rollout.engine=xx"], "rollout.engine"),
     (["model.dtype=fp16"], "model.dtype"),

@@ -311,20 +311,27 @@ class LearnerWorker:
 
     # ---- behaviour cloning warm start ---------------------------------------------------------
     def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float,
-                        after_step: Callable[[int], None] | None = None) -> dict:
+                        after_step: Callable[[int], None] | None = None, resume: bool = False,
+                        keep: bool = False, total: int | None = None) -> dict:
         """Supervised warm start on demonstration episodes: maximise log-prob of their tokens.
         `after_step(n)` runs after step n (in-process diagnostics: bench/greedy_gap.py evaluates the
-        policy part-way through one warm start)."""
+        policy part-way through one warm start). A warm start can run in pieces (the trainer checks
+        trainer.bc_target_success between them): `keep=True` holds this call's optimizer, minibatch
+        order and noise stream for the next call with `resume=True`, so the pieces take the same steps
+        as one call would (the last piece drops them: Adam's moments are twice the trainable weights);
+        `total` is the whole warm start's length, for the progress line."""
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
         tokens = step_actions(batch, ep, t)
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
-                                foreach=True)
-        rng = np.random.default_rng((self.cfg.trainer.seed, 2**31))  # a stream no iteration uses
-        # The flow-matching loss draws its times and noise from this (per rank), so a warm start repeats.
-        noise = torch.Generator().manual_seed(int(np.random.SeedSequence((self.cfg.trainer.seed, 2**31, self.rank))
-                                                  .generate_state(1)[0]))
-        losses = []
+        if not resume or getattr(self, "_bc", None) is None:
+            opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                                    foreach=True)
+            # The flow-matching loss draws its times and noise from this (per rank), so a warm start repeats.
+            seed = int(np.random.SeedSequence((self.cfg.trainer.seed, 2**31, self.rank)).generate_state(1)[0])
+            self._bc = {"opt": opt, "rng": np.random.default_rng((self.cfg.trainer.seed, 2**31)),  # a stream no iteration uses
+                        "noise": torch.Generator().manual_seed(seed), "losses": []}
+        opt, rng, noise, losses = (self._bc[k] for k in ("opt", "rng", "noise", "losses"))
+        total = total or len(losses) + steps
         self.model.train()
         for _ in range(steps):
             mb = rng.choice(len(ep), size=min(minibatch, len(ep)), replace=False)
@@ -336,9 +343,15 @@ class LearnerWorker:
             losses.append(loss.detach().item() * self.world_size)
             if after_step is not None:
                 after_step(len(losses))
-            if self.rank == 0 and (len(losses) % 200 == 0 or len(losses) == steps):
-                print(f"vlarl: warm start {len(losses)}/{steps} steps, loss {np.mean(losses[-50:]):.3f}", flush=True)
-        return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:]))}
+            if self.rank == 0 and (len(losses) % 200 == 0 or len(losses) == total):
+                print(f"vlarl: warm start {len(losses)}/{total} steps, loss {np.mean(losses[-50:]):.3f}", flush=True)
+        if not keep:
+            self._bc = None
+        return {"bc/loss_first": losses[0], "bc/loss_last": float(np.mean(losses[-10:])), "bc/steps": len(losses)}
+
+    def end_behaviour_clone(self) -> None:
+        """Drop the optimizer and streams a piecewise warm start kept (behaviour_clone(keep=True))."""
+        self._bc = None
 
     def _bc_loss(self, step_inputs: tuple, global_count: int, generator: torch.Generator) -> torch.Tensor:
         """Negative log-likelihood of demo tokens (token VLA) or flow matching (flow VLA, its draws from
