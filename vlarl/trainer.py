@@ -489,6 +489,12 @@ def push_weights(cfg: DictConfig, w: Workers, version: int) -> int:
     return version
 
 
+def eval_episodes(cfg: DictConfig, probe: dict) -> list[tuple[int, int]]:
+    """The (task, init state) pairs of every greedy evaluation: rollout.eval_episodes held-out episodes."""
+    return list(zip(*held_out_episodes(probe["num_tasks"], probe["num_init_states"], probe["num_held_out_states"], 0,
+                                       cfg.rollout.eval_episodes)))
+
+
 def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int, suite: str | None = None) -> dict:
     """Greedy success over rollout.eval_episodes held-out episodes (of `suite`, default the one trained
     on); the report (per task, per episode) and videos of the first rollout.eval_videos episodes go to
@@ -496,9 +502,7 @@ def evaluate(cfg: DictConfig, w: Workers, iteration: int, version: int, suite: s
     from vlarl.eval import greedy_episodes, report, write_json, write_videos
 
     probe = ray.get(w.rollout[0].env_shape.remote(suite))
-    tasks, inits = held_out_episodes(probe["num_tasks"], probe["num_init_states"], probe["num_held_out_states"], 0,
-                                     cfg.rollout.eval_episodes)
-    result = greedy_episodes(w.rollout, cfg.rollout.num_envs // len(w.rollout), list(zip(tasks, inits)),
+    result = greedy_episodes(w.rollout, cfg.rollout.num_envs // len(w.rollout), eval_episodes(cfg, probe),
                              10**6 + 1000 * (iteration + 1), cfg.rollout.eval_videos, version, suite)
     folder = Path(cfg.trainer.run_dir) / "eval" / f"iter_{iteration + 1:06d}"
     rep = report(result, probe["instructions"], suite or cfg.env.name, probe["task_suites"])
@@ -570,14 +574,13 @@ def warm_start(cfg: DictConfig, w: Workers, logger: MetricsLogger, version: int)
     batch = ray.put(batch)  # sent once, read by every piece
     total, target = cfg.trainer.bc_warmup_steps, cfg.trainer.bc_target_success
     piece = total if target is None else min(cfg.trainer.bc_check_every, total)
-    episodes = list(zip(*held_out_episodes(probe["num_tasks"], probe["num_init_states"],
-                                           probe["num_held_out_states"], 0, cfg.rollout.eval_episodes)))
+    episodes = eval_episodes(cfg, probe)
     done, out = 0, {}
     while done < total:
         steps = min(piece, total - done)
         out = mean_over_ranks(learners_get(cfg, [
-            l.behaviour_clone.remote(batch, steps, cfg.trainer.bc_minibatch_size, warm_start_lr(cfg), resume=done > 0,
-                                     keep=target is not None, total=total) for l in w.learners]))
+            l.behaviour_clone.remote(batch, steps, cfg.trainer.bc_minibatch_size, warm_start_lr(cfg), keep=target is not None,
+                                     total=total) for l in w.learners]))
         done += steps
         version = push_weights(cfg, w, version + 1)
         if target is None:

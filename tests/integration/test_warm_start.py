@@ -41,7 +41,7 @@ def test_pieces_take_the_same_steps_as_one_call(tmp_path):
     assert learner._bc is None  # one call keeps no optimizer behind
     set_model_state_dict(learner.model, dict(start), options=StateDictOptions(full_state_dict=True))  # it swaps in DTensors
     first = learner.behaviour_clone(batch, 5, 16, 2e-3, keep=True, total=12)
-    second = learner.behaviour_clone(batch, 7, 16, 2e-3, resume=True, keep=True, total=12)
+    second = learner.behaviour_clone(batch, 7, 16, 2e-3, keep=True, total=12)
     after_pieces = weights()
     learner.end_behaviour_clone()
     assert learner._bc is None

@@ -96,6 +96,7 @@ class LearnerWorker:
         self.cfg = OmegaConf.create(cfg)
         self.rank, self.world_size = rank, world_size
         self.model_folder = model_folder
+        self._bc = None  # a piecewise warm start's optimizer and streams (behaviour_clone(keep=True))
         self.device = "cuda" if self.cfg.cluster.device == "cuda" else "cpu"
         torch.set_num_threads(self.cfg.cluster.torch_threads)
         self._nccl, self._nccl_token = None, None  # weight-sync NCCL group with the engines (nccl transport)
@@ -311,19 +312,19 @@ class LearnerWorker:
 
     # ---- behaviour cloning warm start ---------------------------------------------------------
     def behaviour_clone(self, batch: TrajectoryBatch, steps: int, minibatch: int, lr: float,
-                        after_step: Callable[[int], None] | None = None, resume: bool = False,
-                        keep: bool = False, total: int | None = None) -> dict:
+                        after_step: Callable[[int], None] | None = None, keep: bool = False,
+                        total: int | None = None) -> dict:
         """Supervised warm start on demonstration episodes: maximise log-prob of their tokens.
         `after_step(n)` runs after step n (in-process diagnostics: bench/greedy_gap.py evaluates the
         policy part-way through one warm start). A warm start can run in pieces (the trainer checks
         trainer.bc_target_success between them): `keep=True` holds this call's optimizer, minibatch
-        order and noise stream for the next call with `resume=True`, so the pieces take the same steps
-        as one call would (the last piece drops them: Adam's moments are twice the trainable weights);
+        order and noise stream, and the next call continues with them, so the pieces take the same steps
+        as one call would (end_behaviour_clone drops them: Adam's moments are twice the trainable weights);
         `total` is the whole warm start's length, for the progress line."""
         inputs = StepInputs(batch, self.instructions)
         ep, t = batch.flat_steps()
         tokens = step_actions(batch, ep, t)
-        if not resume or getattr(self, "_bc", None) is None:
+        if self._bc is None:
             opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
                                     foreach=True)
             # The flow-matching loss draws its times and noise from this (per rank), so a warm start repeats.
