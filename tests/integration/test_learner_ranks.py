@@ -49,9 +49,12 @@ def model_folder(family: str, tmp_path) -> tuple[str, list[str]]:
         write_tiny_openvla(folder, seed=0)
         return str(folder), ["model=openvla", "model.unnorm_key=libero_spatial_no_noops", "model.lora_rank=0",
                              f"model.path={folder}"]
-    cfg = load_config(["env=toy"])
-    save_model(folder, build_tiny_model(cfg.model, cfg.env.image_size, make_env(cfg.env, 1, 0).instructions(), 0))
-    return str(folder), []
+    # Chunks of 2: calls whose episode ended after their first action leave the second out of the loss,
+    # so the global counts of executed tokens that every rank divides by are checked too.
+    # env.max_steps=20: still 10 calls per episode, enough steps for several minibatches.
+    cfg = load_config(["env=toy", "env.action_chunk=2"])
+    save_model(folder, build_tiny_model(cfg.model, cfg.env.image_size, make_env(cfg.env, 1, 0).instructions(), 0, 2))
+    return str(folder), ["env.action_chunk=2", "env.max_steps=20"]
 
 
 @pytest.mark.parametrize("family", ["tiny_token", "openvla"])
@@ -74,6 +77,8 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path, family):
     finally:
         ray.kill(rollout)
     assert batch.success.any() and not batch.success.all(), "no batch with mixed outcomes in 10 tries"
+    if family == "tiny_token":
+        assert (batch.executed[batch.mask] < 2).any(), "no call ran only part of its chunk"
     steps = int(batch.lengths.sum())
     assert steps >= 3 * 32, f"only {steps} steps: too few for several minibatches of 32"
     initial = load_model(folder, cfg.model).model.state_dict()

@@ -298,15 +298,30 @@ def test_ratio_units_per_token_per_action_and_per_chunk():
     from vlarl.algo.losses import ratio_units
 
     lp = torch.tensor([[-1.0, -2.0, -0.5, 0.0, -0.25, -0.25], [0.0, -0.25, -0.25, -1.0, -1.0, -1.0]])
-    assert torch.equal(ratio_units(lp, "token"), lp)
+    units, mask = ratio_units(lp, "token")
+    assert torch.equal(units, lp) and bool(mask.all())
     # Two 3-D actions per step: each action's joint log-prob, then the whole chunk's.
-    assert ratio_units(lp, "action", action_dim=3).tolist() == [[-3.5, -0.5], [-0.5, -3.0]]
-    assert ratio_units(lp, "chunk").tolist() == [[-4.0], [-3.5]]
+    assert ratio_units(lp, "action", action_dim=3)[0].tolist() == [[-3.5, -0.5], [-0.5, -3.0]]
+    assert ratio_units(lp, "chunk")[0].tolist() == [[-4.0], [-3.5]]
     # One ratio per chunk: exp of the summed differences, the product of the per-token ratios.
     old = torch.zeros_like(lp)
-    joint = torch.exp(ratio_units(lp, "chunk") - ratio_units(old, "chunk"))[:, 0]
+    joint = torch.exp(ratio_units(lp, "chunk")[0] - ratio_units(old, "chunk")[0])[:, 0]
     assert torch.allclose(joint, torch.exp(lp - old).prod(1))
     with pytest.raises(ValueError, match="multiple of 4"):
         ratio_units(lp, "action", action_dim=4)
     with pytest.raises(ValueError, match="not token, action or chunk"):
         ratio_units(lp, "step")
+
+
+def test_ratio_units_leave_out_actions_never_executed():
+    from vlarl.algo.losses import ratio_units
+
+    lp = torch.tensor([[-1.0, -2.0, -0.5, 0.0, -0.25, -0.25], [0.0, -0.25, -0.25, -1.0, -1.0, -1.0]])
+    # Row 0 ran only its first 3-D action, row 1 both.
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    units, unit_mask = ratio_units(lp, "token", mask)
+    assert torch.equal(units, lp) and torch.equal(unit_mask, mask)
+    units, unit_mask = ratio_units(lp, "action", mask, action_dim=3)
+    assert units.tolist() == [[-3.5, 0.0], [-0.5, -3.0]] and unit_mask.tolist() == [[True, False], [True, True]]
+    units, unit_mask = ratio_units(lp, "chunk", mask)
+    assert units.tolist() == [[-3.5], [-3.5]] and unit_mask.tolist() == [[True], [True]]

@@ -300,3 +300,53 @@ def test_chunks_replan_after_replan_steps():
     assert whole.env.pos[0, 1] > y_whole + 0.05
     with pytest.raises(ValueError, match="env.replan_steps=4"):
         ChunkedEnv(ToyEnv(1, spec, 0), 3, replan=4)
+
+
+@pytest.mark.parametrize("replan", [0, 2])
+def test_chunks_report_how_many_actions_ran(replan):
+    """info["executed"] counts the chunk's actions that ran: all of them (or env.replan_steps), fewer when
+    the episode ended inside the chunk, as stepping the plain env action by action shows."""
+    from vlarl.envs.chunk import ChunkedEnv
+
+    n, chunk = 64, 4
+    chunked, plain = ChunkedEnv(ToyEnv(n), chunk, replan), ToyEnv(n)
+    for env in (chunked, plain):
+        env.reset(np.arange(n) % 4, np.arange(n))
+    seen_short = False
+    alive = np.ones(n, bool)
+    for _ in range(chunked.max_steps):
+        actions = chunked.expert_actions()
+        res = chunked.step(actions)
+        expected = np.zeros(n, np.int64)
+        done = ~alive
+        for k in range(replan or chunk):
+            step = plain.step(actions[:, k * ACTION_DIM:(k + 1) * ACTION_DIM])
+            expected += ~done
+            done = done | step.terminated | step.truncated
+        np.testing.assert_array_equal(res.info["executed"][alive], expected[alive])
+        seen_short |= bool((expected[alive] < (replan or chunk)).any())
+        alive &= ~(res.terminated | res.truncated)
+        if not alive.any():
+            break
+    assert seen_short, "no episode ended inside a chunk: the check above compared only full chunks"
+
+
+def test_executed_mask_marks_the_log_probs_of_actions_that_ran():
+    from vlarl.data.batch import TrajectoryBatch
+
+    # Two episodes of two steps, chunks of 2 actions (14 values per call); episode 0's second call ran
+    # one action, episode 1's first call both and its second none (the simulator failed).
+    executed = np.array([[2, 1], [2, 0]])
+    batch = TrajectoryBatch(images=None, proprio=None, instructions=[], task_ids=np.zeros(2), init_state_ids=np.zeros(2),
+                            group_ids=np.zeros(2), action_tokens=None, rollout_logprobs=None, rewards=None,
+                            mask=np.ones((2, 2), bool), dones=None, terminated=None, success=None, executed=executed)
+    ep, t = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    tokens = batch.executed_mask(ep, t, 14, 14)  # one log-prob per token, action by action
+    np.testing.assert_array_equal(tokens.sum(1), [14, 7, 14, 0])
+    assert tokens[1, :7].all() and not tokens[1, 7:].any()
+    flow = batch.executed_mask(ep, t, 3 * 14, 14)  # a flow policy's 3 Gaussian steps, each laid out the same
+    np.testing.assert_array_equal(flow.reshape(4, 3, 14), np.repeat(tokens[:, None], 3, 1))
+    with pytest.raises(ValueError, match="whole number"):
+        batch.executed_mask(ep, t, 20, 14)
+    batch.executed = None  # batches from before the field: every element counts
+    assert batch.executed_mask(ep, t, 14, 14).all()

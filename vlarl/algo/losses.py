@@ -77,22 +77,29 @@ def policy_loss(
 def ratio_units(
     logprobs: torch.Tensor,  # (N, D) log-probs per token (or per flow element) of each step's action(s)
     level: str,
+    mask: torch.Tensor | None = None,  # (N, D) bool, the elements of executed actions; None: all
     action_dim: int = 7,
-) -> torch.Tensor:
-    """The log-probs PPO takes one ratio of each (algo.logprob_level): per token (N, D) as given; per
-    action (N, D / action_dim), each consecutive action_dim log-probs summed (one 7-D action's joint
-    log-prob); per chunk (N, 1), the whole step's summed, so the clip bounds everything one policy call
-    emitted. SimpleVLA-RL keeps one ratio per token; RLinf sums per action or per chunk (its
-    `logprob_type`); for a single-action model action and chunk coincide."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probs PPO takes one ratio of each (algo.logprob_level), and which of them count: per token
+    (N, D) as given; per action (N, D / action_dim), each consecutive action_dim log-probs summed (one 7-D
+    action's joint log-prob); per chunk (N, 1), the whole step's summed, so the clip bounds everything one
+    policy call emitted. SimpleVLA-RL keeps one ratio per token; RLinf sums per action or per chunk (its
+    `logprob_type`); for a single-action model action and chunk coincide. Masked elements (actions the
+    environment never ran) are left out of the sums, and a unit counts when any element in it does.
+    Returns (units, unit_mask), unit_mask bool."""
+    if mask is None:
+        mask = torch.ones_like(logprobs, dtype=torch.bool)
+    mask = mask.bool()
     if level == "token":
-        return logprobs
+        return logprobs, mask
+    kept = torch.where(mask, logprobs, torch.zeros_like(logprobs))
     if level == "action":
         if logprobs.shape[-1] % action_dim:
             raise ValueError(f"logprob_level=action needs a multiple of {action_dim} log-probs per step; got "
                              f"{logprobs.shape[-1]}.")
-        return logprobs.unflatten(-1, (-1, action_dim)).sum(-1)
+        return kept.unflatten(-1, (-1, action_dim)).sum(-1), mask.unflatten(-1, (-1, action_dim)).any(-1)
     if level == "chunk":
-        return logprobs.sum(-1, keepdim=True)
+        return kept.sum(-1, keepdim=True), mask.any(-1, keepdim=True)
     raise ValueError(f"logprob level {level!r} is not token, action or chunk.")
 
 

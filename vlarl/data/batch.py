@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from vlarl.data.spec import ACTION_DIM
+
 
 @dataclass
 class TrajectoryBatch:
@@ -37,6 +39,9 @@ class TrajectoryBatch:
     sde_steps: Optional[np.ndarray] = None  # (N, T) int64 each chain's Gaussian step (Flow-SDE), else -1
     sampled_actions: Optional[np.ndarray] = None  # (N, T, D) float32 Gaussian draws (OpenVLA-OFT's L1 head), else None
     timeouts: Optional[np.ndarray] = None  # (N, T) bool: last step and ended by the task's step limit (truncated)
+    # (N, T) int64: actions of each step's chunk the environment ran (fewer than the chunk where the episode
+    # ended inside it or env.replan_steps cut it); None: all of them
+    executed: Optional[np.ndarray] = None
 
     @property
     def num_episodes(self) -> int:
@@ -117,6 +122,19 @@ class TrajectoryBatch:
         if bootstrap_time_limit or self.timeouts is None:
             return self.terminated
         return self.terminated | self.timeouts
+
+    def executed_mask(self, ep: np.ndarray, t: np.ndarray, width: int, action_dim: int) -> np.ndarray:
+        """(S, width) bool for the steps (ep, t): which log-prob elements belong to actions the environment
+        ran. Every family lays a call's `action_dim` values out action by action (7 per action) and a flow
+        policy repeats that layout once per Gaussian step, so element j belongs to action
+        (j % action_dim) // 7. An action never executed had no effect on the return: its log-prob would
+        only add noise to the policy gradient."""
+        if width % action_dim:
+            raise ValueError(f"{width} log-probs per step are not a whole number of {action_dim}-value calls.")
+        if self.executed is None:
+            return np.ones((len(ep), width), bool)
+        action = (np.arange(width) % action_dim) // ACTION_DIM  # (width,) action index within the chunk
+        return action[None, :] < self.executed[ep, t][:, None]
 
     def last_obs_steps(self) -> np.ndarray:
         """(N,) column of the observation after each episode's last step"""

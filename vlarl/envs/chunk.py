@@ -5,6 +5,8 @@ The policy emits n actions per call, (N, 7n); the wrapper executes them in order
 followed the last one, or what followed the step that ended the episode: an env that ends inside a
 chunk keeps that step's observation, reward and flags, and its later sub-steps are ignored. Rewards
 inside a chunk are summed. One policy call is one step of the wrapper, so `max_steps` counts calls.
+`info["executed"]` says how many of each call's actions ran (the learner leaves the rest out of the
+policy loss: they had no effect on the return).
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ class ChunkedEnv(VecEnv):
             raise ValueError(f"step needs actions of shape ({n}, {ACTION_DIM * self.chunk}) with "
                              f"env.action_chunk={self.chunk}, got {actions.shape}.")
         ended, reward = np.zeros(n, bool), np.zeros(n, np.float32)
+        executed = np.zeros(n, np.int64)  # (n,) actions of the chunk that ran
         final = None
         for k in range(self.executed):
             res = self.env.step(actions[:, k * ACTION_DIM:(k + 1) * ACTION_DIM], env_ids)
             live = ~ended
             reward += np.where(live, res.reward, 0.0).astype(np.float32)
+            executed += live
             if final is None:
                 final = res._replace(obs={key: (list(v) if isinstance(v, list) else v.copy()) for key, v in res.obs.items()},
                                      info={key: v.copy() for key, v in res.info.items()})
@@ -52,6 +56,7 @@ class ChunkedEnv(VecEnv):
             ended |= res.terminated | res.truncated
             if ended.all():
                 break
+        final.info["executed"] = executed
         return final._replace(reward=reward)
 
     def expert_actions(self) -> np.ndarray:

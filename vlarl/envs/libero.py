@@ -336,6 +336,7 @@ class LiberoEnv(VecEnv):
         replies = self._gather(ids)
         reward = np.zeros(len(ids), np.float32)
         terminated, truncated, timeout = (np.zeros(len(ids), bool) for _ in range(3))
+        executed = np.zeros(len(ids), np.int64)  # actions of each chunk the simulator ran
         for row, i in enumerate(ids):
             if i not in replies:  # ended before: not stepped
                 continue
@@ -345,10 +346,12 @@ class LiberoEnv(VecEnv):
                 continue
             self._obs[i], reward[row], terminated[row], k = reply[1:]
             self._steps[i] += k
+            executed[row] = k
             timeout[row] = truncated[row] = not terminated[row] and self._steps[i] >= self._limit[i]
         self._ended[ids] |= terminated | truncated
         return StepResult(self._batch_obs(ids), reward, terminated, truncated,
-                          {"success": terminated.copy(), "restarts": self.restarts, "timeout": timeout})
+                          {"success": terminated.copy(), "restarts": self.restarts, "timeout": timeout,
+                           "executed": executed})
 
     def place(self, env_index: int, obj: str, target: str) -> tuple[dict, bool]:
         """Debugging aid: put object `obj` on `target` in episode env_index's simulator; returns the

@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from vlarl.algo.advantages import EPISODE_ADVANTAGES, gae, group_filter_mask, masked_whiten
+from vlarl.algo.advantages import EPISODE_ADVANTAGES, gae, group_filter_mask, masked_mean, masked_whiten
 from vlarl.algo.guards import clip_log_ratio, kl_to_reference
 from vlarl.algo.losses import policy_loss, ratio_units, truncated_is_weights, value_loss
 from vlarl.data.batch import TrajectoryBatch
+from vlarl.data.spec import ACTION_DIM
 from vlarl.models.lora import apply_lora, merge_lora_state_dict
 from vlarl.models.registry import load_model
 from vlarl.models.flow_policy import pack_chains
@@ -180,13 +181,16 @@ class LearnerWorker:
             self.ref_model = self._reference_model()
         old_logprobs, old_values = self._score_all(inputs, ep, t, tokens, temp)
         rollout_logprobs = torch.from_numpy(batch.rollout_logprobs[ep, t])
-        metrics = {"rollout/logprob_abs_diff": (old_logprobs - rollout_logprobs).abs().mean().item()}
+        # (S, W) the log-prob elements of actions the environments ran; the rest had no effect on the return
+        executed = torch.from_numpy(batch.executed_mask(ep, t, old_logprobs.shape[1], ACTION_DIM * self.cfg.env.action_chunk))
+        metrics = {"rollout/logprob_abs_diff": masked_mean((old_logprobs - rollout_logprobs).abs(), executed).item(),
+                   "rollout/executed_fraction": executed.float().mean().item()}
 
         advantages, returns, keep = self._advantages(batch, inputs, ep, t, tokens, old_values, temp)
         is_weights = None
         if a.tis_cap > 0:
-            is_weights = truncated_is_weights(ratio_units(old_logprobs, a.logprob_level),
-                                              ratio_units(rollout_logprobs, a.logprob_level), a.tis_cap)
+            is_weights = truncated_is_weights(ratio_units(old_logprobs, a.logprob_level, executed)[0],
+                                              ratio_units(rollout_logprobs, a.logprob_level, executed)[0], a.tis_cap)
         warmup = iteration < a.critic_warmup_iters
         steps = np.nonzero(keep.numpy())[0]
         for epoch in range(a.epochs):
@@ -197,7 +201,7 @@ class LearnerWorker:
                 if len(mb) < self.world_size:
                     continue
                 m = self._minibatch_step(inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages,
-                                         returns, is_weights, warmup, temp)
+                                         returns, is_weights, executed, warmup, temp)
                 for k, v in m.items():
                     metrics.setdefault(k, []).append(v)
         out = {k: float(np.mean(v)) for k, v in metrics.items()}
@@ -240,14 +244,19 @@ class LearnerWorker:
         return np.array_split(mine, pieces)
 
     def _minibatch_step(self, inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages, returns,
-                        is_weights, warmup, temp) -> dict:
+                        is_weights, executed, warmup, temp) -> dict:
         """One optimizer step on minibatch `mb` (global step indices), its gradient accumulated over
-        micro-batches: each piece's losses are divided by the whole minibatch's element counts, so the
-        pieces add up to the full-minibatch gradient."""
+        micro-batches: each piece's losses are divided by the whole minibatch's element counts (executed
+        elements and ratio units, counted here from the whole batch, so every rank agrees), so the pieces
+        add up to the full-minibatch gradient."""
         a = self.cfg.algo
         mine = self._my_slice(mb)
-        parts = [(len(piece), self._micro_step(inputs, ep, t, tokens, piece, len(mb), old_logprobs, old_values,
-                                               advantages, returns, is_weights, warmup, temp))
+        counts = (float(executed[mb].sum().clamp(min=1)),
+                  float(ratio_units(old_logprobs[mb], a.logprob_level, executed[mb])[1].sum().clamp(min=1)))
+        units = lambda piece: float(ratio_units(old_logprobs[piece], a.logprob_level, executed[piece])[1].sum())  # noqa: E731
+        parts = [((len(piece), units(piece)),
+                  self._micro_step(inputs, ep, t, tokens, piece, len(mb), counts, old_logprobs, old_values, advantages,
+                                   returns, is_weights, executed, warmup, temp))
                  for piece in self._microbatches(mine, len(mb))]
         if warmup:  # critic warmup: only the value head moves (VLA-RL)
             for group in self.optimizer.param_groups[:1]:
@@ -257,37 +266,41 @@ class LearnerWorker:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        total = sum(n for n, _ in parts)
-        metrics = {k: sum(n * m[k] for n, m in parts) / total for k in parts[0][1]}  # per-step means, weighted
+        # Each piece's metrics are means over its steps (critic/) or its executed ratio units (the rest):
+        # weighted by those counts they give the minibatch's means, however it was split.
+        metrics = {}
+        for k in parts[0][1]:
+            w = [n[0] if k.startswith("critic/") else n[1] for n, _ in parts]
+            metrics[k] = sum(wi * m[k] for wi, (_, m) in zip(w, parts)) / max(sum(w), 1e-12)
         return {**metrics, "actor/grad_norm": float(grad_norm)}
 
-    def _micro_step(self, inputs, ep, t, tokens, piece, global_size, old_logprobs, old_values, advantages, returns,
-                    is_weights, warmup, temp) -> dict:
+    def _micro_step(self, inputs, ep, t, tokens, piece, global_size, counts, old_logprobs, old_values, advantages,
+                    returns, is_weights, executed, warmup, temp) -> dict:
         """Forward and backward of one micro-batch (`piece`: global step indices on this rank); the loss is
-        normalised by the minibatch's global counts (`global_size` steps). Returns its metrics."""
+        normalised by the minibatch's global counts (`global_size` steps; `counts`, its executed elements and
+        ratio units). Returns its metrics."""
         a = self.cfg.algo
         step_inputs = inputs.take(ep[piece], t[piece], tokens[piece], self.device)
         logprobs, entropy, values, *stats = self.model(*step_inputs, temperature=temp)
         dev = lambda x: x[piece].to(self.device)  # noqa: E731
-        n_tok = global_size * logprobs.shape[1]  # global element counts, so every rank divides alike
-        old = dev(old_logprobs)
-        ones = torch.ones_like(logprobs)
-        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, ones, n_tok, temp)
-        logprobs, old = ratio_units(logprobs, a.logprob_level), ratio_units(old, a.logprob_level)
-        n_ratio, ones = global_size * logprobs.shape[1], torch.ones_like(logprobs)
+        n_tok, n_ratio = counts  # global counts, so every rank divides alike
+        old, mask = dev(old_logprobs), dev(executed)
+        guard_loss, guard_metrics = self._guards(step_inputs, logprobs, old, mask, n_tok, temp)
+        logprobs, units = ratio_units(logprobs, a.logprob_level, mask)
+        old, _ = ratio_units(old, a.logprob_level, mask)
         adv = dev(advantages)[:, None].expand_as(logprobs)
         if a.log_ratio_clip > 0:
-            logprobs, clip_metrics = clip_log_ratio(logprobs, old, ones, a.log_ratio_clip)
+            logprobs, clip_metrics = clip_log_ratio(logprobs, old, units, a.log_ratio_clip)
             guard_metrics.update(clip_metrics)
-        pg, pm = policy_loss(logprobs, old, adv, ones, a.clip_low, a.clip_high,
+        pg, pm = policy_loss(logprobs, old, adv, units, a.clip_low, a.clip_high,
                              is_weights=None if is_weights is None else dev(is_weights), normalizer=n_ratio)
         vf, vm = value_loss(values, dev(old_values), dev(returns), torch.ones_like(values), a.vf_clip,
                             normalizer=global_size)
-        ent = entropy.sum() / n_tok
+        ent = torch.where(mask, entropy, torch.zeros_like(entropy)).sum() / n_tok
         loss = vf * a.vf_coef if warmup else pg + a.vf_coef * vf - a.entropy_coef * ent + guard_loss
         (loss * self.world_size).backward()  # FSDP averages gradients over ranks
         model_stats = {k: float(v) for k, v in stats[0].items()} if stats else {}
-        return {**pm, **vm, **guard_metrics, **model_stats, "actor/entropy": entropy.detach().mean().item()}
+        return {**pm, **vm, **guard_metrics, **model_stats, "actor/entropy": masked_mean(entropy.detach(), mask).item()}
 
     def _guards(self, step_inputs, logprobs, old_logprobs, mask, n_tok, temp) -> tuple[torch.Tensor, dict]:
         """KL penalty to the initial policy (algo.kl_coef), scored by the frozen reference copy."""

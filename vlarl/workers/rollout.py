@@ -195,6 +195,7 @@ class RolloutWorker:
         sent = np.zeros((n, horizon, d), np.float32)  # what the environments executed (reward providers)
         rewards = np.zeros((n, horizon), np.float32)
         mask, dones, terminated, timeouts = (np.zeros((n, horizon), bool) for _ in range(4))
+        executed = np.zeros((n, horizon), np.int64)  # actions of each call's chunk the environment ran
         success = np.zeros(n, bool)
         images[:, 0], proprio[:, 0] = obs["image"], obs["proprio"]
         # Each stage: its running env ids and their observation rows (None once all its episodes ended).
@@ -225,6 +226,7 @@ class RolloutWorker:
                 # the step limit, not a restart (an env with per-episode limits says which)
                 timeouts[ids, step] = res.info.get("timeout", res.truncated & (step + 1 >= horizon))
                 success[ids] |= res.info["success"]
+                executed[ids, step] = res.info.get("executed", self.cfg.env.action_chunk)
                 images[ids, step + 1], proprio[ids, step + 1] = res.obs["image"], res.obs["proprio"]
                 for row, i in enumerate(ids):
                     if i in videos:
@@ -244,7 +246,7 @@ class RolloutWorker:
             rollout_logprobs=logprobs[:, :steps], rewards=rewards[:, :steps], mask=mask[:, :steps],
             dones=dones[:, :steps], terminated=terminated[:, :steps], timeouts=timeouts[:, :steps], success=success,
             weights_version=self.weights_version, env_restarts=getattr(env, "restarts", 0) - restarts,
-            actions=sent[:, :steps],
+            actions=sent[:, :steps], executed=executed[:, :steps],
         )
         return batch, {i: np.stack(f) for i, f in videos.items()}
 
