@@ -20,7 +20,8 @@ from vlarl.config import load_config
 from vlarl.envs import make_env
 from vlarl.models.registry import build_tiny_model, load_model, save_model
 from vlarl.workers.learner import LearnerActor
-from vlarl.workers.rollout import RolloutWorker
+
+from test_learner_ranks import mixed_batch  # tests/integration is on sys.path (rootdir-relative imports)
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +48,7 @@ def test_actions_never_executed_leave_the_update_unchanged(ray_local, tmp_path):
     folder = str(tmp_path / "model")
     save_model(folder, build_tiny_model(cfg.model, cfg.env.image_size, make_env(cfg.env, 1, 0).instructions(), 0, CHUNK))
 
-    rollout = ray.remote(RolloutWorker).options(num_cpus=1).remote(plain, 0, folder, 32)
-    try:
-        for iteration in range(10):  # a batch with mixed outcomes, so advantages are not all zero
-            batch = ray.get(rollout.collect.remote([i % 4 for i in range(32)], list(range(32)), list(range(32)),
-                                                   iteration))
-            if batch.success.any() and not batch.success.all():
-                break
-    finally:
-        ray.kill(rollout)
-    assert batch.success.any() and not batch.success.all(), "no batch with mixed outcomes in 10 tries"
+    batch = mixed_batch(plain, folder, 32)
     real = batch.mask
     short = real & (batch.executed < CHUNK)
     assert short.any(), "no episode ended inside a chunk"

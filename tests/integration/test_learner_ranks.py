@@ -42,6 +42,21 @@ def stop(learners: list) -> None:
             ray.kill(l)
 
 
+def mixed_batch(plain: dict, folder: str, n: int):
+    """A batch of n episodes, some succeeding and some not. A batch without a single success has all-zero
+    rewards, and with the value head's zero init all-zero advantages and value targets: no gradient, and
+    any two learners would "agree". Sampling is seeded by the iteration, so try a few."""
+    rollout = ray.remote(RolloutWorker).options(num_cpus=1).remote(plain, 0, folder, n)
+    try:
+        for iteration in range(10):
+            batch = ray.get(rollout.collect.remote([i % 4 for i in range(n)], list(range(n)), list(range(n)), iteration))
+            if batch.success.any() and not batch.success.all():
+                return batch
+    finally:
+        ray.kill(rollout)
+    raise AssertionError("no batch with mixed outcomes in 10 tries")
+
+
 def model_folder(family: str, tmp_path) -> tuple[str, list[str]]:
     """A model folder of the family and the settings that load it."""
     folder = tmp_path / "model"
@@ -64,19 +79,7 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_local, tmp_path, family):
                        "algo.minibatch_size=32", "rollout.eval_every=0", "cluster.dashboard=false", *settings])
     plain = OmegaConf.to_container(cfg, resolve=True)
 
-    # A batch without a single success has all-zero rewards, and with the value head's zero
-    # init all-zero advantages and value targets: no gradient, and any two groups would "agree".
-    # Sampling is seeded by the iteration, so try a few until an episode succeeds.
-    rollout = ray.remote(RolloutWorker).options(num_cpus=1).remote(plain, 0, folder, 16)
-    try:
-        for iteration in range(10):
-            batch = ray.get(rollout.collect.remote([i % 4 for i in range(16)], list(range(16)), list(range(16)),
-                                                   iteration))
-            if batch.success.any() and not batch.success.all():
-                break
-    finally:
-        ray.kill(rollout)
-    assert batch.success.any() and not batch.success.all(), "no batch with mixed outcomes in 10 tries"
+    batch = mixed_batch(plain, folder, 16)
     if family == "tiny_token":
         assert (batch.executed[batch.mask] < 2).any(), "no call ran only part of its chunk"
     steps = int(batch.lengths.sum())
