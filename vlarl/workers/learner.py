@@ -183,6 +183,7 @@ class LearnerWorker:
         rollout_logprobs = torch.from_numpy(batch.rollout_logprobs[ep, t])
         # (S, W) the log-prob elements of actions the environments ran; the rest had no effect on the return
         executed = torch.from_numpy(batch.executed_mask(ep, t, old_logprobs.shape[1], ACTION_DIM * self.cfg.env.action_chunk))
+        units = ratio_units(old_logprobs, a.logprob_level, executed)[1]  # (S, U) the ratio units that count
         metrics = {"rollout/logprob_abs_diff": masked_mean((old_logprobs - rollout_logprobs).abs(), executed).item(),
                    "rollout/executed_fraction": executed.float().mean().item()}
 
@@ -201,7 +202,7 @@ class LearnerWorker:
                 if len(mb) < self.world_size:
                     continue
                 m = self._minibatch_step(inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages,
-                                         returns, is_weights, executed, warmup, temp)
+                                         returns, is_weights, (executed, units), warmup, temp)
                 for k, v in m.items():
                     metrics.setdefault(k, []).append(v)
         out = {k: float(np.mean(v)) for k, v in metrics.items()}
@@ -244,17 +245,16 @@ class LearnerWorker:
         return np.array_split(mine, pieces)
 
     def _minibatch_step(self, inputs, ep, t, tokens, mb, old_logprobs, old_values, advantages, returns,
-                        is_weights, executed, warmup, temp) -> dict:
+                        is_weights, masks, warmup, temp) -> dict:
         """One optimizer step on minibatch `mb` (global step indices), its gradient accumulated over
         micro-batches: each piece's losses are divided by the whole minibatch's element counts (executed
-        elements and ratio units, counted here from the whole batch, so every rank agrees), so the pieces
-        add up to the full-minibatch gradient."""
+        elements and ratio units, `masks` (S, W) and (S, U) over the whole batch, so every rank agrees), so the
+        pieces add up to the full-minibatch gradient."""
         a = self.cfg.algo
+        executed, units = masks
         mine = self._my_slice(mb)
-        counts = (float(executed[mb].sum().clamp(min=1)),
-                  float(ratio_units(old_logprobs[mb], a.logprob_level, executed[mb])[1].sum().clamp(min=1)))
-        units = lambda piece: float(ratio_units(old_logprobs[piece], a.logprob_level, executed[piece])[1].sum())  # noqa: E731
-        parts = [((len(piece), units(piece)),
+        counts = (float(executed[mb].sum().clamp(min=1)), float(units[mb].sum().clamp(min=1)))
+        parts = [((len(piece), float(units[piece].sum())),
                   self._micro_step(inputs, ep, t, tokens, piece, len(mb), counts, old_logprobs, old_values, advantages,
                                    returns, is_weights, executed, warmup, temp))
                  for piece in self._microbatches(mine, len(mb))]
